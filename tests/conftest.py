@@ -1,0 +1,27 @@
+"""Shared fixtures: the real Hydra config, composed once per test and shrunk to run in seconds."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DDPMLAB_ROOT", str(ROOT))
+
+
+def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+    """conf/config.yaml with `overrides`, as `python train.py overrides...` would see it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def cfg_smoke(tmp_path) -> DictConfig:
+    """The smoke experiment writing into tmp_path/run, on the real Fashion-MNIST data."""
+    return compose_config("experiment=smoke", output_dir=tmp_path / "run")
