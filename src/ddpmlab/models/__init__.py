@@ -1,0 +1,5 @@
+"""Networks that map (x_t, t) to the diffusion's prediction target."""
+
+from ddpmlab.models.unet import UNet
+
+__all__ = ["UNet"]

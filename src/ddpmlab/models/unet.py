@@ -1,0 +1,190 @@
+"""The U-Net of Ho et al. 2020 (appendix B), a PixelCNN++-style backbone of Wide-ResNet blocks.
+
+Per resolution: `num_res_blocks` residual blocks (GroupNorm, swish, 3x3 convs, the time embedding
+added in between, dropout), self-attention at the resolutions in `attn_resolutions`, then a strided
+3x3 conv down. The decoder mirrors it with one extra block per level fed by skip connections.
+The CIFAR-10 setting (ch=128, ch_mult=1,2,2,2, 2 blocks, attention at 16) has 35.7M parameters.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpmlab.errors import ConfigError
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of the timestep (Vaswani et al. 2017, section 3.5), as in Ho et al.: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights, as Ho et al. do for every layer that closes a residual branch."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    module.zero_init = True  # the U-Net's Xavier pass skips it
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block: GN-swish-conv, + Dense(temb), GN-swish-dropout-conv, plus a 1x1 skip when channels change.
+
+    With `attn`, self-attention follows the block (the U-Net's attention resolutions).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, attn: bool = False):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = AttnBlock(out_ch, groups) if attn else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, 4ch) -> (B, C, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attn(self.skip(x) + h)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps/x0/v network `model(x_t, t)`: (B, in_channels, S, S), (B,) -> (B, out_channels, S, S)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        out_channels: int,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        norm_groups: int = 32,
+    ):
+        super().__init__()
+        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
+        self._validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups)
+        temb_ch = 4 * ch
+        self.ch = ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chs, cur, res = [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(cur, ch * mult, temb_ch, dropout, norm_groups, res in attn_resolutions))
+                cur = ch * mult
+                skip_chs.append(cur)
+            if level != len(ch_mult) - 1:
+                self.down.append(Downsample(cur))
+                skip_chs.append(cur)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [ResBlock(cur, cur, temb_ch, dropout, norm_groups, attn=True), ResBlock(cur, cur, temb_ch, dropout, norm_groups)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                attn = res in attn_resolutions
+                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, temb_ch, dropout, norm_groups, attn))
+                cur = ch * mult
+            if level != 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(norm_groups, cur)
+        self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
+        # Ho et al. initialise every other layer with variance_scaling(1, fan_avg, uniform) = Xavier uniform.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not getattr(m, "zero_init", False):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups) -> None:
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size % factor:
+            raise ConfigError(
+                f"model: image size {image_size} cannot be halved {len(ch_mult) - 1} times (ch_mult={list(ch_mult)}): "
+                f"use an image size divisible by {factor} or a shorter model.ch_mult"
+            )
+        bad = [ch * m for m in ch_mult if (ch * m) % norm_groups]
+        if bad:
+            raise ConfigError(
+                f"model: channel counts {bad} are not divisible by norm_groups={norm_groups}: "
+                f"make model.ch a multiple of {norm_groups}"
+            )
+        if num_res_blocks < 1:
+            raise ConfigError(f"model.num_res_blocks must be at least 1, got {num_res_blocks}")
+        sizes = {image_size // 2**i for i in range(len(ch_mult))}
+        if set(attn_resolutions) - sizes:
+            raise ConfigError(
+                f"model.attn_resolutions={list(attn_resolutions)} names sizes the U-Net never has: "
+                f"choose from {sorted(sizes, reverse=True)}"
+            )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        temb = self.temb(timestep_embedding(t, self.ch))  # (B,) -> (B, 4ch)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        for block in self.up:
+            if isinstance(block, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C, S, S) -> (B, C + C_skip, S, S)
+            h = block(h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
