@@ -1,0 +1,211 @@
+"""Datasets as uint8 image tensors, and the LightningDataModule that feeds them as floats in [-1, 1].
+
+Every reader returns the whole split as a uint8 tensor (N, C, H, W): the small datasets of diffusion
+research fit in memory, and batches then cost one index. Scaling to [-1, 1] and the random flip happen
+after the batch reaches the device (`on_after_batch_transfer`).
+"""
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ddpmlab.errors import ConfigError
+
+# Where Debian's `dataset-fashion-mnist` package puts the gzipped IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def _require_root(root: Path, name: str) -> None:
+    if not root.is_dir():
+        raise ConfigError(f"data.root={root} does not exist: point data.root at the folder that holds {name}")
+
+
+def _from_debian_package(root: Path) -> None:
+    """Unpack the Debian package's gzipped IDX files to where torchvision's FashionMNIST reads them."""
+    raw = root / "FashionMNIST" / "raw"
+    for gz in sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
+        target = raw / gz.name[: -len(".gz")]
+        if not target.exists():
+            raw.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")  # ranks of a DDP run may race here
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.rename(target)
+
+
+def _torchvision(cls, name: str, root: Path, train: bool, download: bool, hint: str):
+    """Build torchvision's dataset, turning its "not found or corrupted" RuntimeError into a ConfigError with `hint`."""
+    try:
+        return cls(str(root), train=train, download=download)
+    except RuntimeError as err:
+        if "not found" not in str(err).lower() and "corrupted" not in str(err).lower():
+            raise
+        raise ConfigError(f"{name} not found or corrupted under {root}: {hint}") from None
+
+
+def read_fashion_mnist(root: Path, train: bool, download: bool = False, **_) -> Tensor:
+    """Fashion-MNIST (Xiao et al. 2017) through torchvision, filled from the Debian package when offline."""
+    if not download and DEBIAN_FASHION_MNIST.is_dir():
+        _from_debian_package(root)  # creates root/FashionMNIST/raw
+    _require_root(root, "Fashion-MNIST")
+    hint = ("install it with `apt-get install dataset-fashion-mnist`, put the four IDX files in "
+            f"{root}/FashionMNIST/raw, or set data.download=true when online")
+    ds = _torchvision(torchvision.datasets.FashionMNIST, "Fashion-MNIST", root, train, download, hint)
+    return ds.data.unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+
+
+def read_mnist(root: Path, train: bool, download: bool = False, **_) -> Tensor:
+    """MNIST through torchvision's reader of the IDX files in root/MNIST/raw."""
+    _require_root(root, "MNIST")
+    hint = f"put the four IDX files in {root}/MNIST/raw or set data.download=true when online"
+    return _torchvision(torchvision.datasets.MNIST, "MNIST", root, train, download, hint).data.unsqueeze(1)
+
+
+class _CIFAR10Unverified(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader that checks the pickles exist instead of their MD5 sums."""
+
+    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}  # check_integrity(path, None): existence only
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+
+def read_cifar10(root: Path, train: bool, download: bool = False, verify_checksums: bool = True, **_) -> Tensor:
+    """CIFAR-10 through torchvision's reader of the python pickles in root/cifar-10-batches-py."""
+    _require_root(root, "CIFAR-10")
+    cls = torchvision.datasets.CIFAR10 if verify_checksums else _CIFAR10Unverified
+    hint = (f"put the python pickles (data_batch_1..5, test_batch, batches.meta) in {root}/cifar-10-batches-py, "
+            "set data.download=true when online, or data.verify_checksums=false for a re-packed copy")
+    ds = _torchvision(cls, "CIFAR-10", root, train, download, hint)
+    return torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+
+
+def _load_image(path: Path, image_size: int, channels: int) -> Tensor:
+    """One image file: shorter side resized to image_size, centre-cropped, as uint8 (C, S, S)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"cannot read image {path} ({err.__class__.__name__}): remove or replace that file") from None
+    scale = image_size / min(img.size)
+    img = img.resize((max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))),
+                     Image.BICUBIC)
+    left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    array = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def read_image_folder(root: Path, train: bool, image_size: int = 32, channels: int = 3, **_) -> Tensor:
+    """Every image under root (searched recursively), resized and centre-cropped; train and test are the same."""
+    _require_root(root, "your images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(
+            f"data.root={root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): point data.root at your images"
+        )
+    return torch.stack([_load_image(p, image_size, channels) for p in files])
+
+
+READERS = {
+    "fashion_mnist": read_fashion_mnist,
+    "mnist": read_mnist,
+    "cifar10": read_cifar10,
+    "image_folder": read_image_folder,
+}
+
+
+class ImageTensorDataset(Dataset):
+    """Index into a uint8 (N, C, H, W) tensor."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    """Batches of images in [-1, 1], (B, C, H, W) float32, with an optional random horizontal flip.
+
+    Args:
+        dataset: one of READERS' names.
+        root: folder holding the dataset (for Fashion-MNIST, filled from the Debian package when empty).
+        image_size, channels: what the model expects; checked against the data.
+        random_flip: flip each training image left-right with probability 1/2 (Ho et al. use it for CIFAR-10).
+        download: let torchvision download the dataset (needs internet).
+        verify_checksums: CIFAR-10 only: check torchvision's MD5 sums of the pickles.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str,
+        image_size: int,
+        channels: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        random_flip: bool = False,
+        download: bool = False,
+        verify_checksums: bool = True,
+    ):
+        super().__init__()
+        if dataset not in READERS:
+            raise ConfigError(f"data.dataset={dataset!r} is unknown: choose one of {', '.join(READERS)}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be at least 1, got {batch_size}")
+        self.dataset, self.root = dataset, Path(root).expanduser()
+        self.image_size, self.channels = image_size, channels
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.random_flip, self.download, self.verify_checksums = random_flip, download, verify_checksums
+        self.train_images: Tensor | None = None
+        self.test_images: Tensor | None = None
+
+    def read(self, train: bool) -> Tensor:
+        """The whole split as uint8 (N, C, H, W), checked against image_size and channels."""
+        images = READERS[self.dataset](
+            self.root, train=train, download=self.download, image_size=self.image_size, channels=self.channels,
+            verify_checksums=self.verify_checksums,
+        )
+        if tuple(images.shape[1:]) != (self.channels, self.image_size, self.image_size):
+            raise ConfigError(
+                f"data: {self.dataset} images are {tuple(images.shape[1:])} (C, H, W) but the config says "
+                f"channels={self.channels} image_size={self.image_size}: fix data.channels and data.image_size"
+            )
+        return images
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_images is None:
+            self.train_images = self.read(train=True)
+        if stage in (None, "test", "validate", "predict") and self.test_images is None:
+            self.test_images = self.read(train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ImageTensorDataset(self.train_images), batch_size=self.batch_size, shuffle=True,
+                          drop_last=len(self.train_images) >= self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(ImageTensorDataset(self.test_images), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        x = batch.float().div(127.5).sub(1.0)  # uint8 {0..255} -> [-1, 1]
+        if self.random_flip and self.trainer is not None and self.trainer.training:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
