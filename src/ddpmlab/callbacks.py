@@ -1,0 +1,61 @@
+"""Callbacks: a grid of samples from the EMA weights, saved as PNG and sent to the logger."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+
+from ddpmlab.diffusion import get_sampler
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_steps` optimizer steps and at the end of training, sample from the EMA weights.
+
+    The grid is drawn from a fixed seed, so grids of successive steps show the same noise turning into images.
+    The default sampler is respaced ancestral sampling over `sampling_steps` of the T steps (Nichol & Dhariwal
+    2021, section 4); `sampler=ancestral sampling_steps=null` is the paper's full chain.
+
+    Args:
+        dirpath: folder for `step_0001000.png` ... and `final.png`.
+        every_n_steps: 0 for only the final grid.
+        num_samples: images per grid (a square number gives a square grid).
+        sampler, sampling_steps: which sampler and how many steps.
+        seed: the grid's noise seed.
+    """
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, sampler: str = "respaced",
+                 sampling_steps: int | None = 100, seed: int = 0):
+        self.dirpath = Path(dirpath)
+        self.every_n_steps, self.num_samples = every_n_steps, num_samples
+        self.sampler, self.sampling_steps, self.seed = get_sampler(sampler), sampling_steps, seed
+
+    def sample(self, pl_module) -> torch.Tensor:
+        """(num_samples, C, H, W) images in [0, 1] from the EMA weights."""
+        data = pl_module.trainer.datamodule
+        shape = (self.num_samples, data.channels, data.image_size, data.image_size)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        x = self.sampler(pl_module.ema_model, pl_module.diffusion, shape, generator, steps=self.sampling_steps,
+                         progress=True)
+        return (x + 1.0) / 2.0
+
+    def save(self, trainer, pl_module, name: str) -> Path:
+        images = self.sample(pl_module)
+        if not trainer.is_global_zero:
+            return self.dirpath / name
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / name
+        torchvision.utils.save_image(images, path, nrow=max(1, round(self.num_samples**0.5)), padding=2)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger: the grid as one image, at this step
+                logger.log_image("samples", [str(path)], step=trainer.global_step)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        before_end = trainer.max_steps < 0 or step < trainer.max_steps  # the last step gets final.png instead
+        if self.every_n_steps and step % self.every_n_steps == 0 and before_end:
+            self.save(trainer, pl_module, f"step_{step:07d}.png")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer, pl_module, "final.png")

@@ -1,0 +1,39 @@
+"""Logger construction that must decide something at run time: wandb online or offline."""
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(Path.home() / ".netrc").authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(save_dir: str, project: str, offline: bool | None = None, **kwargs):
+    """Lightning's WandbLogger that never prompts: with no credentials (and no WANDB_MODE) it runs offline.
+
+    Offline runs are written under `save_dir/wandb/offline-run-*`; `wandb sync` uploads them later.
+    wandb is imported here, so runs that do not use it never import it.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") == "offline" or (
+            "WANDB_MODE" not in os.environ and not _has_wandb_credentials()
+        )
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
+
+
+def finish_wandb() -> None:
+    """End the wandb run, if this process started one: Hydra's multirun trains its jobs in one process,
+    and each job must get its own wandb run rather than append to the previous one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -1,0 +1,75 @@
+"""Build everything a run needs from the composed config, and train."""
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpmlab.checkpoints import check_matches, load_checkpoint
+from ddpmlab.errors import ConfigError
+from ddpmlab.loggers import finish_wandb
+from ddpmlab.module import DiffusionModule
+
+# The EMA copy is in eval mode on purpose (no dropout when sampling from it).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but a ConfigError raised inside comes out as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """U-Net + diffusion + optimisation settings -> the LightningModule (the resolved config rides along)."""
+    model = build(cfg.model)
+    diffusion = build(cfg.diffusion)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return DiffusionModule(model, diffusion, config=config, **cfg.optim)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse to write into a run folder that already holds an earlier run's checkpoints."""
+    ckpts = output_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints of an earlier run: choose another hydra.run.dir, "
+            f"or resume with ckpt_path={ckpts / 'last.ckpt'}"
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as `cfg` says; returns the last logged metrics. Raises ConfigError on bad input, before training."""
+    output_dir = Path(cfg.paths.output_dir)
+    _check_output_dir(output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = build(cfg.data)
+    module = build_module(cfg)
+    if cfg.ckpt_path is not None:
+        check_matches(module, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)
+    datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
+
+    callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(module.config)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        finish_wandb()
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}

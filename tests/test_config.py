@@ -1,0 +1,64 @@
+"""Every option of every config group composes, and builds the object it describes."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from ddpmlab.data import DiffusionDataModule
+from ddpmlab.diffusion import GaussianDiffusion
+from ddpmlab.models import UNet
+from ddpmlab.training import build_module
+from tests.conftest import ROOT, compose_config
+
+GROUPS = ["data", "model", "schedule", "diffusion", "trainer", "logger", "callbacks", "paths", "experiment"]
+# Options whose images or U-Net need the other side to be at 32x32.
+AT_32 = {"data=cifar10": "model=unet_cifar10", "data=image_folder": "model=unet_cifar10",
+         "model=unet_cifar10": "data=cifar10"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(override, tmp_path):
+    extra = [AT_32[override]] if override in AT_32 else []
+    if override == "data=image_folder":
+        extra.append(f"data.root={tmp_path}")
+    cfg = compose_config(override, *extra, output_dir=tmp_path)
+    assert isinstance(instantiate(cfg.data), DiffusionDataModule)
+    assert isinstance(instantiate(cfg.model), UNet)
+    diffusion = instantiate(cfg.diffusion)
+    assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_timesteps == cfg.schedule.timesteps
+    for callback in cfg.callbacks.values():
+        instantiate(callback)
+    instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert build_module(cfg).config["seed"] == cfg.seed
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group} is empty"
+    assert Path(ROOT / "conf" / "hydra" / "default.yaml").is_file()
+
+
+def test_paper_recipe_is_the_papers():
+    cfg = compose_config("experiment=ddpm_cifar10")
+    assert cfg.data.dataset == "cifar10" and cfg.data.batch_size == 128 and cfg.data.random_flip
+    assert cfg.schedule._target_.endswith("linear_betas")
+    assert (cfg.schedule.timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end) == (1000, 1e-4, 0.02)
+    assert cfg.diffusion.prediction == "eps"
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.ema_decay, cfg.optim.ema_warmup) == (2e-4, 5000, 0.9999, False)
+    assert cfg.trainer.max_steps == 800_000 and cfg.trainer.gradient_clip_val == 1.0
+    assert (cfg.model.ch, list(cfg.model.ch_mult), cfg.model.num_res_blocks) == (128, [1, 2, 2, 2], 2)
+    assert list(cfg.model.attn_resolutions) == [16] and cfg.model.dropout == 0.1
+
+
+def test_overrides_reach_the_objects(tmp_path):
+    cfg = compose_config("model=unet", "schedule=cosine", "data.batch_size=7", "seed=3", "trainer.max_steps=11",
+                         "schedule.timesteps=400", output_dir=tmp_path)
+    assert instantiate(cfg.data).batch_size == 7 and cfg.seed == 3
+    assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False).max_steps == 11
+    diffusion = instantiate(cfg.diffusion)
+    assert diffusion.num_timesteps == 400 and diffusion.betas.max().item() > 0.5  # cosine clips its last betas

@@ -1,0 +1,32 @@
+"""wandb through Lightning's WandbLogger, really running, offline: no account, no prompt, files to sync later."""
+
+from ddpmlab.training import train
+from tests.conftest import compose_config
+
+
+def test_wandb_without_credentials_logs_offline_into_the_run_folder(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no credentials
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config("experiment=smoke", "logger=wandb", output_dir=tmp_path / "run")
+    train(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "expected one offline run under the run folder"
+    run = runs[0]
+    # The run's record, which `wandb sync` uploads: protobuf records, strings stored as-is.
+    record = next(run.glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"train/grad_norm", b"samples", b"ddpmlab.diffusion.schedules.linear_betas"):
+        assert key in record, f"{key!r} did not reach wandb"
+    images = list((run / "files" / "media" / "images").glob("samples_*.png"))
+    assert len(images) == 2, "the step-3 grid and the final grid are logged as images"
+
+
+def test_two_runs_in_one_process_get_two_wandb_runs(tmp_path, monkeypatch):
+    """Hydra's multirun runs its jobs in one process: each must be its own wandb run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("a", "b"):
+        train(compose_config("experiment=smoke", "logger=wandb", "trainer.max_steps=2", output_dir=tmp_path / name))
+    ids = [next((tmp_path / n / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1] for n in ("a", "b")]
+    assert ids[0] != ids[1]
