@@ -133,3 +133,60 @@ def test_sampler_with_exact_denoiser_matches_its_exact_moments(sampler, steps, v
     assert x.var().item() == pytest.approx(v, abs=4 * v * math.sqrt(2 / n))
     if steps is None:  # all T steps: the data distribution itself, up to the fixed variances' small bias
         assert m == pytest.approx(mu, abs=1e-3) and v == pytest.approx(s**2, rel=0.05)
+
+
+def test_ddim_with_eta_one_over_all_steps_is_ddpm_ancestral_with_beta_tilde():
+    """Song et al. 2020, section 4.1: eta = 1 makes the forward process Markovian and the sampler DDPM's."""
+    diffusion = GaussianDiffusion(linear_betas(200, beta_end=0.1), variance="fixed_small")
+    model = gaussian_oracle(diffusion, 0.2, 0.3)
+    shape = (64, 1, 2, 2)
+    ddpm = get_sampler("ancestral")(model, diffusion, shape, torch.Generator().manual_seed(5))
+    ddim = get_sampler("ddim", eta=1.0)(model, diffusion, shape, torch.Generator().manual_seed(5))
+    assert torch.allclose(ddim, ddpm, atol=1e-4)
+    # With eta = 0 the same noise gives another, deterministic answer.
+    ddim0 = get_sampler("ddim", eta=0.0)(model, diffusion, shape, torch.Generator().manual_seed(5))
+    assert not torch.allclose(ddim0, ddpm, atol=1e-2)
+
+
+def exact_ddim_moments(alpha_bar_kept, mu: float, s: float) -> tuple[float, float]:
+    """Mean and variance of deterministic DDIM's x_0 with the exact denoiser, by the same moment recursion.
+
+    x_{t-1} = sqrt(a_{t-1}) x0(x_t) + sqrt(1 - a_{t-1}) eps(x_t), both linear in x_t (Song et al. eq. 12, eta = 0).
+    """
+    m, v = 0.0, 1.0
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar_kept[:-1]])
+    for i in reversed(range(len(alpha_bar_kept))):
+        a, a_prev = alpha_bar_kept[i].item(), prev[i].item()
+        k = math.sqrt(a) * s**2 / (a * s**2 + 1 - a)
+        x0_slope, x0_offset = k, mu - k * math.sqrt(a) * mu
+        eps_slope = (1 - math.sqrt(a) * x0_slope) / math.sqrt(1 - a)
+        eps_offset = -math.sqrt(a) * x0_offset / math.sqrt(1 - a)
+        A = math.sqrt(a_prev) * x0_slope + math.sqrt(1 - a_prev) * eps_slope
+        c = math.sqrt(a_prev) * x0_offset + math.sqrt(1 - a_prev) * eps_offset
+        m, v = A * m + c, A**2 * v
+    return m, v
+
+
+@pytest.mark.parametrize("steps", [50, 1000])
+def test_deterministic_ddim_with_exact_denoiser_matches_its_exact_moments(steps):
+    mu, s, n = 0.3, 0.2, 20_000
+    diffusion = GaussianDiffusion(linear_betas(1000))
+    x = get_sampler("ddim", eta=0.0)(gaussian_oracle(diffusion, mu, s), diffusion, (n, 1, 1, 1),
+                                     torch.Generator().manual_seed(0), steps=steps)
+    kept = diffusion.respace(steps).timestep_map
+    m, v = exact_ddim_moments(torch.cumprod(1 - diffusion.betas64, 0)[kept], mu, s)
+    assert x.mean().item() == pytest.approx(m, abs=4 * math.sqrt(v / n))
+    assert x.var().item() == pytest.approx(v, abs=4 * v * math.sqrt(2 / n))
+    if steps == 1000:  # the ODE over all steps carries N(0, 1) to the data distribution
+        assert v == pytest.approx(s**2, rel=0.03)
+
+
+def test_per_example_generators_make_samples_independent_of_batching():
+    from ddpmlab.diffusion.noise import per_example_generators
+
+    diffusion = GaussianDiffusion(linear_betas(50, beta_end=0.3))
+    model = gaussian_oracle(diffusion, 0.0, 0.5)
+    whole = get_sampler("ancestral")(model, diffusion, (6, 1, 2, 2), per_example_generators(range(6), 7, "cpu"))
+    halves = [get_sampler("ancestral")(model, diffusion, (3, 1, 2, 2), per_example_generators(idx, 7, "cpu"))
+              for idx in (range(3), range(3, 6))]
+    assert torch.allclose(whole, torch.cat(halves), atol=1e-6)

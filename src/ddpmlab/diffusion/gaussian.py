@@ -5,9 +5,14 @@ network: `model` is any callable `model(x_t, t) -> output` with output of x_t's 
 Timestep indices are 0-based: index i here is the paper's t = i + 1.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ddpmlab.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
+from ddpmlab.diffusion.noise import Generator, randint, randn
 from ddpmlab.errors import ConfigError
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -130,15 +135,20 @@ class GaussianDiffusion(nn.Module):
 
     # ---- reverse process ------------------------------------------------------------------------
 
+    def denoise(self, model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> tuple[Tensor, Tensor]:
+        """The network's (x_0, eps) at x_t; with clip_denoised, x_0 is clipped to [-1, 1] and eps made consistent."""
+        pred_x0, pred_eps = self.model_x0_eps(model(x_t, self.timestep_map[t]), x_t, t)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0)
+        return pred_x0, pred_eps
+
     def p_mean_variance(self, model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I): mu_theta is the posterior mean at the model's x_0 (eq. 6, 11).
 
         With clip_denoised the x_0 estimate is clipped to the data range [-1, 1] first, as in Ho et al.'s sampler.
         """
-        model_output = model(x_t, self.timestep_map[t])
-        pred_x0, pred_eps = self.model_x0_eps(model_output, x_t, t)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        pred_x0, pred_eps = self.denoise(model, x_t, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {
             "mean": mean,
@@ -148,10 +158,10 @@ class GaussianDiffusion(nn.Module):
             "pred_eps": pred_eps,
         }
 
-    def p_sample(self, model, x_t: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def p_sample(self, model, x_t: Tensor, t: Tensor, generator: Generator = None) -> Tensor:
         """One ancestral step x_{t-1} = mu_theta + sigma_t z, with no noise at the last step (Algorithm 2)."""
         out = self.p_mean_variance(model, x_t, t)
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        z = randn(x_t.shape, generator, x_t.device)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * z
 
@@ -166,6 +176,58 @@ class GaussianDiffusion(nn.Module):
         model_output = model(x_t, self.timestep_map[t])
         target = self.training_target(x_0, t, eps)
         return (model_output.float() - target).pow(2).flatten(1).mean(1)
+
+    # ---- the variational bound (Ho et al. eq. 5), in bits per dimension -----------------------
+
+    def prior_bpd(self, x_0: Tensor) -> Tensor:
+        """L_T = KL(q(x_T | x_0) || N(0, I)), per example, in bits/dim. Shape (B,)."""
+        t = torch.full((x_0.shape[0],), self.num_timesteps - 1, device=x_0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x_0, t)
+        kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
+        return kl.flatten(1).mean(1) / math.log(2.0)
+
+    def vb_terms_bpd(self, model, x_0: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> Tensor:
+        """The bound's term at each example's t, in bits/dim. Shape (B,).
+
+        t > 0 (paper's t >= 2): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)).
+        t = 0 (paper's t = 1):  L_0 = -log p(x_0 | x_1), the discretized Gaussian decoder (eq. 13).
+        """
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_0, x_t, t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+        kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]).flatten(1).mean(1)
+        decoder_nll = -discretized_gaussian_log_likelihood(x_0, out["mean"], 0.5 * out["log_variance"]).flatten(1).mean(1)
+        return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model, x_0: Tensor, generator: Generator = None,
+                      clip_denoised: bool = True, progress: bool = False) -> dict[str, Tensor]:
+        """The full bound L = L_T + sum_t L_{t-1} + L_0 for each example, in bits/dim, over every t.
+
+        Returns total (B,), prior = L_T (B,), and terms (B, T) with terms[:, 0] = L_0 and terms[:, i] = L_i.
+        """
+        terms = torch.zeros(x_0.shape[0], self.num_timesteps, device=x_0.device)
+        for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps, disable=not progress,
+                      desc="bound", leave=False):
+            t = torch.full((x_0.shape[0],), i, device=x_0.device, dtype=torch.long)
+            eps = randn(x_0.shape, generator, x_0.device)
+            terms[:, i] = self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t, eps), t, clip_denoised)
+        prior = self.prior_bpd(x_0)
+        return {"total": terms.sum(1) + prior, "prior": prior, "terms": terms}
+
+    @torch.no_grad()
+    def estimate_bpd(self, model, x_0: Tensor, num_timesteps: int, generator: Generator = None,
+                     clip_denoised: bool = True) -> Tensor:
+        """An unbiased estimate of each example's bound from K timesteps drawn uniformly: L_T + T mean_k L_{t_k}.
+
+        Shape (B,), bits/dim. Its mean over examples estimates the NLL bound; their spread gives the standard error.
+        """
+        t = randint(self.num_timesteps, (num_timesteps, x_0.shape[0]), generator, x_0.device)  # (K, B)
+        terms = torch.stack([
+            self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t_k, randn(x_0.shape, generator, x_0.device)), t_k,
+                              clip_denoised)
+            for t_k in t
+        ])  # (K, B)
+        return self.prior_bpd(x_0) + self.num_timesteps * terms.mean(0)
 
     # ---- respacing ------------------------------------------------------------------------------
 
