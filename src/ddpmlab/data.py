@@ -118,6 +118,16 @@ def read_image_folder(root: Path, train: bool, image_size: int = 32, channels: i
     return torch.stack([_load_image(p, image_size, channels) for p in files])
 
 
+def labels_of(dataset: str, root: Path, train: bool) -> Tensor:
+    """Class labels (N,) int64 of a torchvision dataset's split, in the order its reader returns the images."""
+    classes = {"fashion_mnist": torchvision.datasets.FashionMNIST, "mnist": torchvision.datasets.MNIST,
+               "cifar10": _CIFAR10Unverified}
+    if dataset not in classes:
+        raise ConfigError(f"data.dataset={dataset!r} has no class labels: the domain classifier needs one of "
+                          f"{', '.join(classes)}")
+    return torch.as_tensor(classes[dataset](str(root), train=train).targets, dtype=torch.long)
+
+
 READERS = {
     "fashion_mnist": read_fashion_mnist,
     "mnist": read_mnist,

@@ -1,0 +1,252 @@
+"""evaluate.py's work: rebuild a run from its checkpoint, then NLL bits/dim and sample metrics, on 1..N processes.
+
+Every example (test image for the NLL, generated sample) has its own noise seeded by its index, and each
+process takes the indices rank, rank + N, ...; results are gathered by index, so any N gives the same numbers.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from lightning.fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ddpmlab.checkpoints import check_matches, load_checkpoint
+from ddpmlab.diffusion import get_sampler
+from ddpmlab.diffusion.noise import per_example_generators
+from ddpmlab.errors import ConfigError
+from ddpmlab.training import build
+
+METRICS = ("nll", "nll_estimate", "fid", "is", "kid")
+SAMPLE_METRICS = ("fid", "is", "kid")
+
+
+def load_run(ckpt_path: str, use_ema: bool):
+    """(model, diffusion, train config) rebuilt from the config stored in the checkpoint, with its weights."""
+    checkpoint = load_checkpoint(ckpt_path)
+    if "config" not in checkpoint:
+        raise ConfigError(f"checkpoint {ckpt_path} holds no ddpmlab config: it was not written by train.py")
+    train_cfg = OmegaConf.create(checkpoint["config"])
+    try:
+        model, diffusion = build(train_cfg.model), build(train_cfg.diffusion)
+    except Exception as err:  # a config from another version or project
+        raise ConfigError(f"checkpoint {ckpt_path} has a config this version cannot build ({err})") from None
+    prefix = "ema_model." if use_ema else "model."
+    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    check_matches(model, {"state_dict": weights}, ckpt_path)
+    model.load_state_dict(weights)
+    return model.eval().requires_grad_(False), diffusion, train_cfg
+
+
+def _gather(fabric: Fabric, local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows computed for indices rank, rank + N, ... -> all `total` rows in index order (on every rank)."""
+    per_rank = -(-total // fabric.world_size)
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    gathered = fabric.all_gather(padded) if fabric.world_size > 1 else padded[None]  # (N, per_rank, ...)
+    return gathered.transpose(0, 1).reshape(-1, *local.shape[1:])[:total]
+
+
+def _my_indices(fabric: Fabric, total: int) -> list[int]:
+    return list(range(fabric.global_rank, total, fabric.world_size))
+
+
+def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
+    """The full bound on cfg.nll.num_images test images: total, L_T, L_0, and the per-t terms, in bits/dim."""
+    n = min(cfg.nll.num_images or len(test_images), len(test_images))
+    indices = _my_indices(fabric, n)
+    totals, priors, terms = [], [], []
+    for start in tqdm(range(0, len(indices), cfg.batch_size), desc="NLL (full bound)", disable=fabric.global_rank):
+        idx = indices[start:start + cfg.batch_size]
+        x_0 = test_images[idx].to(fabric.device).float() / 127.5 - 1
+        out = diffusion.calc_bpd_loop(model, x_0, per_example_generators(idx, cfg.seed, fabric.device),
+                                      clip_denoised=cfg.nll.clip_denoised, progress=fabric.global_rank == 0)
+        totals.append(out["total"]), priors.append(out["prior"]), terms.append(out["terms"])
+    total = _gather(fabric, torch.cat(totals) if totals else torch.zeros(0, device=fabric.device), n)
+    prior = _gather(fabric, torch.cat(priors) if priors else torch.zeros(0, device=fabric.device), n)
+    per_t = _gather(fabric, torch.cat(terms) if terms else torch.zeros(0, diffusion.num_timesteps,
+                                                                        device=fabric.device), n)
+    return {"bpd": total.mean().item(), "stderr": (total.std() / n**0.5).item() if n > 1 else None,
+            "prior_bpd": prior.mean().item(), "decoder_bpd": per_t[:, 0].mean().item(),
+            "terms_bpd": per_t.mean(0).tolist(), "num_images": n}
+
+
+def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
+    """The unbiased K-timestep estimate of the bound on cfg.nll_estimate.num_images test images, with its stderr."""
+    n = min(cfg.nll_estimate.num_images or len(test_images), len(test_images))
+    indices = _my_indices(fabric, n)
+    estimates = []
+    for start in tqdm(range(0, len(indices), cfg.batch_size), desc="NLL (estimate)", disable=fabric.global_rank):
+        idx = indices[start:start + cfg.batch_size]
+        x_0 = test_images[idx].to(fabric.device).float() / 127.5 - 1
+        estimates.append(diffusion.estimate_bpd(model, x_0, cfg.nll_estimate.timesteps,
+                                                per_example_generators(idx, cfg.seed + 1, fabric.device),
+                                                clip_denoised=cfg.nll.clip_denoised))
+    values = _gather(fabric, torch.cat(estimates) if estimates else torch.zeros(0, device=fabric.device), n)
+    return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
+            "num_images": n, "timesteps_per_image": cfg.nll_estimate.timesteps}
+
+
+def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int]) -> torch.Tensor:
+    """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
+    sampler = get_sampler(cfg.sampler, **({"eta": cfg.eta} if cfg.sampler == "ddim" else {}))
+    indices = _my_indices(fabric, cfg.num_samples)
+    images = []
+    for start in tqdm(range(0, len(indices), cfg.batch_size), desc=f"sampling ({cfg.sampler})",
+                      disable=fabric.global_rank):
+        idx = indices[start:start + cfg.batch_size]
+        x = sampler(model, diffusion, (len(idx), *shape), per_example_generators(idx, cfg.seed, fabric.device),
+                    steps=cfg.sampling_steps)
+        images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    local = torch.cat(images) if images else torch.zeros((0, *shape), dtype=torch.uint8, device=fabric.device)
+    return _gather(fabric, local, cfg.num_samples).cpu()
+
+
+def _run(fabric: Fabric, cfg: DictConfig) -> dict | None:
+    """One process's part; rank 0 returns the results."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))
+    model, diffusion, train_cfg = load_run(cfg.ckpt, cfg.use_ema)
+    model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
+    data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
+    results, timings = {"rows": []}, {}
+    if {"nll", "nll_estimate"} & set(cfg.metrics):
+        data.setup("test")
+        for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate)):
+            if metric in cfg.metrics:
+                start = time.perf_counter()
+                results[metric] = fn(fabric, cfg, model, diffusion, data.test_images)
+                timings[metric] = time.perf_counter() - start
+    if set(SAMPLE_METRICS) & set(cfg.metrics):
+        start = time.perf_counter()
+        results["samples"] = generate(fabric, cfg, model, diffusion, (data.channels, data.image_size, data.image_size))
+        timings["sampling"] = time.perf_counter() - start
+    if fabric.global_rank != 0:
+        return None
+    results["timings"], results["train_cfg"] = timings, OmegaConf.to_container(train_cfg)
+    if set(SAMPLE_METRICS) & set(cfg.metrics):
+        results["rows"] = sample_metrics(cfg, train_cfg, data, results["samples"], fabric.device)
+        # Returned across processes by pickling: numpy goes by value, a torch tensor by a shared-memory handle
+        # that dies with this process.
+        results["samples"] = results["samples"].numpy()
+    return results
+
+
+def sample_metrics(cfg, train_cfg, data, samples: torch.Tensor, device) -> list[dict]:
+    """FID/IS/KID rows against the training split, with the configured feature extractor."""
+    from ddpmlab.metrics.fidelity import fidelity_metrics, resolve_inception_weights
+    from ddpmlab.models.classifier import ensure_classifier
+
+    data.setup("fit")
+    root = Path(cfg.data_root or train_cfg.data.root)
+    if cfg.feature_extractor == "classifier":
+        weights = str(ensure_classifier(train_cfg.data.dataset, str(root), data.image_size))
+    else:
+        weights = resolve_inception_weights(cfg.inception_weights, root / "fidelity")
+    start = time.perf_counter()
+    rows = fidelity_metrics(samples, data.train_images, list(cfg.metrics), cfg.feature_extractor, weights,
+                            root / "fidelity" / "cache", f"{train_cfg.data.dataset}-{data.image_size}",
+                            kid_subset_size=cfg.kid_subset_size, device=device)
+    for row in rows:
+        row["seconds"] = time.perf_counter() - start
+    return rows
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the configured metrics; write metrics.json, samples.png and nll_per_t.png to cfg.paths.output_dir."""
+    unknown = set(cfg.metrics) - set(METRICS)
+    if unknown:
+        raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}: choose from {', '.join(METRICS)}")
+    if set(SAMPLE_METRICS) & set(cfg.metrics) and cfg.num_samples < 2:
+        raise ConfigError(f"num_samples={cfg.num_samples} is too few for {sorted(set(SAMPLE_METRICS) & set(cfg.metrics))}")
+    get_sampler(cfg.sampler)
+    load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
+    devices = cfg.trainer.devices
+    strategy = "ddp_spawn" if devices not in (1, "1", "auto") else "auto"
+    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
+    wall = time.perf_counter()
+    results = fabric.launch(_run, cfg) if strategy == "ddp_spawn" else _run(fabric, cfg)
+    results["wall_seconds"] = time.perf_counter() - wall
+    return write_results(cfg, results)
+
+
+def _rows(cfg, results: dict) -> list[dict]:
+    common = {"samples": cfg.num_samples, "sampler": cfg.sampler, "sampling_steps": cfg.sampling_steps}
+    rows = []
+    for metric in ("nll", "nll_estimate"):
+        if metric in results:
+            r = results[metric]
+            rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
+                         "test_images": r["num_images"], "seconds": results["timings"][metric]})
+    rows += [{**row, **common, "seconds": row["seconds"] + results["timings"]["sampling"]} for row in results["rows"]]
+    return rows
+
+
+def write_results(cfg: DictConfig, results: dict) -> dict:
+    """The JSON record, the sample grid, the per-t plot and the printed table."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _rows(cfg, results)
+    record = {
+        "checkpoint": str(cfg.ckpt), "checkpoint_sha256": hashlib.sha256(Path(cfg.ckpt).read_bytes()).hexdigest(),
+        "use_ema": cfg.use_ema, "seed": cfg.seed, "devices": cfg.trainer.devices, "results": rows,
+        "wall_seconds": results["wall_seconds"], "timings": results["timings"],
+    }
+    if "nll" in results:
+        record["nll"] = {k: results["nll"][k] for k in ("bpd", "stderr", "prior_bpd", "decoder_bpd", "num_images")}
+        record["nll"]["terms_bpd"] = results["nll"]["terms_bpd"]
+        _plot_terms(results["nll"], out / "nll_per_t.png")
+    if "samples" in results and len(results["samples"]):
+        results["samples"] = torch.from_numpy(results["samples"])
+        grid = results["samples"][:64].float() / 255
+        torchvision.utils.save_image(grid, out / "samples.png", nrow=max(1, round(len(grid) ** 0.5)))
+        torch.save(results["samples"], out / "samples.pt")  # every generated image, uint8 (N, C, H, W)
+    (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    _print_table(rows)
+    _log(cfg, rows)
+    return record
+
+
+def _log(cfg: DictConfig, rows: list[dict]) -> None:
+    """The numbers to the configured loggers (for wandb, the last logged values are the run's summary)."""
+    from ddpmlab.loggers import finish_wandb
+
+    numbers = {f"eval/{row['metric']}": row["value"] for row in rows if row["value"] is not None}
+    for node in (cfg.get("logger") or {}).values():
+        logger = build(node)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(numbers)
+        logger.save()
+    finish_wandb()
+
+
+def _plot_terms(nll: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = nll["terms_bpd"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.semilogy(range(1, len(terms) + 1), terms, lw=1)
+    ax.set_xlabel("t")
+    ax.set_ylabel("bits/dim")
+    ax.set_title(f"bound terms: L_0 at t=1, L_(t-1) after; total {nll['bpd']:.3f} bits/dim "
+                 f"({nll['num_images']} images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"\n{'metric':<22}{'value':>12}{'± std':>10}  {'details'}")
+    for row in rows:
+        value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
+        std = "" if row.get("std") is None else f"{row['std']:.4f}"
+        details = row.get("unavailable") or ", ".join(
+            f"{k}={row[k]}" for k in ("test_images", "samples", "sampler", "sampling_steps", "feature_extractor")
+            if k in row)
+        print(f"{row['metric']:<22}{value:>12}{std:>10}  {details}, {row['seconds']:.1f}s")

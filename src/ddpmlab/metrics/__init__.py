@@ -1,0 +1,1 @@
+"""Evaluation metrics: the NLL bound in bits/dim and sample metrics through torch-fidelity."""

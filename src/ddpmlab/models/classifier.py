@@ -1,0 +1,127 @@
+"""A small CNN classifier of the training data: domain features for FID and logits for IS on small images.
+
+ImageNet's Inception says little about 28x28 grayscale clothing and costs much on a CPU; a classifier trained
+on the dataset itself gives features that separate its classes. Its metrics are named "classifier" so they
+are never confused with Inception FID. `python -m ddpmlab.models.classifier --dataset fashion_mnist` trains
+it once and caches it next to the data.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+class Classifier(nn.Module):
+    """Three conv blocks -> global average pool (the `features`, 256-d) -> linear logits.
+
+    Input: images in [-1, 1], (B, C, S, S).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int = 10, width: int = 64):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(block(in_channels, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
+                                  block(2 * width, 4 * width))
+        self.head = nn.Linear(4 * width, num_classes)
+        self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x).mean((2, 3))  # (B, C, S, S) -> (B, 4 width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def classifier_path(root: str | Path, dataset: str, image_size: int) -> Path:
+    """Where the cached classifier of a dataset lives: next to the data."""
+    return Path(root) / "classifiers" / f"{dataset}_{image_size}.pt"
+
+
+def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor,
+                     out: Path, epochs: int = 3, batch_size: int = 128, seed: int = 0) -> float:
+    """Train on uint8 (N, C, S, S) images with random flips, save to `out` atomically; returns test accuracy."""
+    torch.manual_seed(seed)
+    model = Classifier(train_images.shape[1], int(train_labels.max()) + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    steps = epochs * (len(train_images) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    model.train()
+    with tqdm(total=steps, desc="classifier") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(train_images))
+            for i in range(len(train_images) // batch_size):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                x = train_images[idx].float() / 127.5 - 1
+                x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(-1), x)
+                loss = F.cross_entropy(model(x), train_labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    with torch.no_grad():
+        predictions = torch.cat([model(test_images[i:i + 512].float() / 127.5 - 1).argmax(1)
+                                 for i in range(0, len(test_images), 512)])
+    accuracy = (predictions == test_labels).float().mean().item()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    torch.save({"state_dict": model.state_dict(), "in_channels": model.in_channels,
+                "num_classes": model.num_classes, "width": model.width, "test_accuracy": accuracy}, tmp)
+    tmp.rename(out)
+    out.with_suffix(".json").write_text(json.dumps({"test_accuracy": accuracy, "epochs": epochs}))
+    return accuracy
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, float]:
+    """The cached classifier (eval mode) and its test accuracy."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = Classifier(saved["in_channels"], saved["num_classes"], saved["width"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval().requires_grad_(False), saved["test_accuracy"]
+
+
+def labelled_split(dataset: str, root: str, train: bool) -> tuple[Tensor, Tensor]:
+    """uint8 images and int64 labels of a torchvision dataset split, through the project's readers."""
+    from ddpmlab.data import READERS, labels_of
+
+    return READERS[dataset](Path(root), train=train), labels_of(dataset, Path(root), train)
+
+
+def ensure_classifier(dataset: str, root: str, image_size: int, epochs: int = 3) -> Path:
+    """Train and cache the classifier for `dataset` unless it is cached already; returns its path."""
+    path = classifier_path(root, dataset, image_size)
+    if not path.is_file():
+        print(f"training the {dataset} classifier once for the domain metrics (cached at {path})")
+        accuracy = train_classifier(*labelled_split(dataset, root, True), *labelled_split(dataset, root, False), path,
+                                    epochs=epochs)
+        print(f"{dataset} classifier: test accuracy {accuracy:.4f}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the domain classifier used for classifier FID/IS/KID.")
+    parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist", "cifar10"])
+    parser.add_argument("--root", default="data", help="the data root (data.root)")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    image_size = 32 if args.dataset == "cifar10" else 28
+    path = classifier_path(args.root, args.dataset, image_size)
+    accuracy = train_classifier(*labelled_split(args.dataset, args.root, True),
+                                *labelled_split(args.dataset, args.root, False), path, epochs=args.epochs)
+    print(f"{args.dataset} classifier: test accuracy {accuracy:.4f}, saved to {path}")
+
+
+if __name__ == "__main__":
+    main()

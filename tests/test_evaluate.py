@@ -1,0 +1,137 @@
+"""evaluate.py end to end on a checkpoint trained in the test and a small dataset written in the real format."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ddpmlab.evaluation import evaluate
+from ddpmlab.training import train
+from tests.conftest import ROOT, compose_config
+from tests.test_data import write_mnist_like
+
+EVAL_CONF = ROOT / "conf"
+
+
+def compose_eval(*overrides: str, output_dir):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(EVAL_CONF), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke checkpoint (T=50, 6 steps) and a small Fashion-MNIST-format data root (200 train, 40 test)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    rng = np.random.default_rng(0)
+    write_mnist_like(root / "data" / "FashionMNIST" / "raw", n_train=200, n_test=40)
+    labels = rng.integers(0, 10, 200)  # make the classes learnable: class k images are brighter with k
+    images = (rng.integers(0, 40, (200, 28, 28)) + labels[:, None, None] * 20).astype(np.uint8)
+    from tests.test_data import write_idx
+
+    write_idx(root / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte", images)
+    write_idx(root / "data" / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    train(compose_config("experiment=smoke", output_dir=root / "run"))
+    return {"ckpt": str(root / "run" / "checkpoints" / "last.ckpt"), "data": str(root / "data"), "root": root}
+
+
+def test_nll_reports_total_prior_decoder_and_per_t_terms(trained, tmp_path):
+    cfg = compose_eval(f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[nll,nll_estimate]",
+                       "nll.num_images=6", "nll_estimate.num_images=12", "nll_estimate.timesteps=4",
+                       output_dir=tmp_path)
+    record = evaluate(cfg)
+    nll = record["nll"]
+    assert len(nll["terms_bpd"]) == 50 and nll["num_images"] == 6
+    assert nll["bpd"] == pytest.approx(nll["prior_bpd"] + sum(nll["terms_bpd"]), rel=1e-5)
+    assert nll["decoder_bpd"] == nll["terms_bpd"][0]
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert {r["metric"] for r in on_disk["results"]} == {"nll (bits/dim)", "nll_estimate (bits/dim)"}
+    estimate = next(r for r in on_disk["results"] if r["metric"].startswith("nll_estimate"))
+    assert estimate["std"] > 0 and estimate["test_images"] == 12
+    assert (tmp_path / "nll_per_t.png").stat().st_size > 1000
+    assert on_disk["checkpoint_sha256"] and on_disk["seed"] == 0
+
+
+def test_classifier_fid_is_kid_with_cached_reference_statistics(trained, tmp_path):
+    overrides = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid,kid,is]",
+                 "feature_extractor=classifier", "num_samples=12", "sampler=ddim", "sampling_steps=4"]
+    record = evaluate(compose_eval(*overrides, output_dir=tmp_path / "a"))
+    values = {r["metric"]: r for r in record["results"]}
+    assert set(values) == {"fid", "kid", "is"}
+    assert values["fid"]["value"] > 0 and values["is"]["value"] >= 1.0
+    assert "classifier" in values["fid"]["feature_extractor"]  # never mistaken for Inception FID
+    cache = sorted((trained["root"] / "data" / "fidelity" / "cache").iterdir())
+    assert cache, "reference statistics are cached"
+    stamps = [p.stat().st_mtime_ns for p in cache]
+    again = evaluate(compose_eval(*overrides, output_dir=tmp_path / "b"))
+    assert [p.stat().st_mtime_ns for p in cache] == stamps  # reused, not recomputed
+    assert again["results"][0]["value"] == pytest.approx(values[again["results"][0]["metric"]]["value"])
+    samples = torch.load(tmp_path / "a" / "samples.pt")
+    assert samples.shape == (12, 1, 28, 28) and samples.dtype == torch.uint8
+    assert (tmp_path / "a" / "samples.png").is_file()
+
+
+def test_inception_from_fid_helper_gives_fid_and_says_why_there_is_no_is(trained, tmp_path):
+    cfg = compose_eval(f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid,is]",
+                       "feature_extractor=inception", "inception_weights=fid-helper", "num_samples=8",
+                       "sampler=ddim", "sampling_steps=2", output_dir=tmp_path)
+    values = {r["metric"]: r for r in evaluate(cfg)["results"]}
+    assert values["fid"]["value"] > 0 and "inception-2015-12-05" in values["fid"]["feature_extractor"]
+    assert values["is"]["value"] is None and "no logits" in values["is"]["unavailable"]
+
+
+def test_ema_and_raw_weights_give_different_samples(trained, tmp_path):
+    common = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid]", "feature_extractor=classifier",
+              "num_samples=4", "sampler=ddim", "sampling_steps=3"]
+    evaluate(compose_eval(*common, output_dir=tmp_path / "ema"))
+    evaluate(compose_eval(*common, "use_ema=false", output_dir=tmp_path / "raw"))
+    assert not torch.equal(torch.load(tmp_path / "ema" / "samples.pt"), torch.load(tmp_path / "raw" / "samples.pt"))
+
+
+def test_one_and_two_processes_give_the_same_nll_and_images(trained, tmp_path):
+    common = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[nll,fid]",
+              "feature_extractor=classifier", "nll.num_images=5", "num_samples=7", "sampler=ddim", "sampling_steps=3",
+              "trainer.accelerator=cpu"]
+    one = evaluate(compose_eval(*common, "trainer.devices=1", output_dir=tmp_path / "one"))
+    two = evaluate(compose_eval(*common, "trainer.devices=2", output_dir=tmp_path / "two"))
+    assert two["nll"]["bpd"] == pytest.approx(one["nll"]["bpd"], abs=1e-5)
+    assert np.allclose(two["nll"]["terms_bpd"], one["nll"]["terms_bpd"], atol=1e-5)
+    assert torch.equal(torch.load(tmp_path / "one" / "samples.pt"), torch.load(tmp_path / "two" / "samples.pt"))
+
+
+def run_evaluate(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_are_refused_with_one_line_and_exit_2(trained, tmp_path):
+    real = open(trained["ckpt"], "rb").read()
+    (tmp_path / "truncated.ckpt").write_bytes(real[: len(real) // 2])
+    (tmp_path / "corrupt.ckpt").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    torch.save({"state_dict": {"layer.weight": torch.zeros(3)}}, tmp_path / "other_model.ckpt")
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"state_dict": {}, "payload": Exploit()}, tmp_path / "malicious.ckpt")
+    for name, message in [("truncated", "cannot be loaded safely"), ("corrupt", "cannot be loaded safely"),
+                          ("notes", "cannot be loaded safely"), ("other_model", "holds no ddpmlab config"),
+                          ("malicious", "cannot be loaded safely"), ("missing", "does not exist")]:
+        result = run_evaluate(f"ckpt={tmp_path / name}.ckpt", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.startswith("error: checkpoint") and message in last, result.stderr[-800:]
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned").exists()  # the pickled code never ran
