@@ -135,3 +135,13 @@ def test_bad_checkpoints_are_refused_with_one_line_and_exit_2(trained, tmp_path)
         assert result.returncode == 2 and last.startswith("error: checkpoint") and message in last, result.stderr[-800:]
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "pwned").exists()  # the pickled code never ran
+
+
+def test_numbers_reach_the_wandb_summary_offline(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_eval(f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[nll_estimate]",
+                       "nll_estimate.num_images=4", "nll_estimate.timesteps=2", "logger=wandb", output_dir=tmp_path)
+    evaluate(cfg)
+    record = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"eval/nll_estimate (bits/dim)" in record

@@ -146,12 +146,14 @@ def sample_metrics(cfg, train_cfg, data, samples: torch.Tensor, device) -> list[
         weights = str(ensure_classifier(train_cfg.data.dataset, str(root), data.image_size))
     else:
         weights = resolve_inception_weights(cfg.inception_weights, root / "fidelity")
+    reference = data.train_images[: cfg.reference_images] if cfg.reference_images else data.train_images
     start = time.perf_counter()
-    rows = fidelity_metrics(samples, data.train_images, list(cfg.metrics), cfg.feature_extractor, weights,
-                            root / "fidelity" / "cache", f"{train_cfg.data.dataset}-{data.image_size}",
+    rows = fidelity_metrics(samples, reference, list(cfg.metrics), cfg.feature_extractor, weights,
+                            root / "fidelity" / "cache", f"{train_cfg.data.dataset}-{data.image_size}-n{len(reference)}",
                             kid_subset_size=cfg.kid_subset_size, device=device)
     for row in rows:
         row["seconds"] = time.perf_counter() - start
+        row["reference_images"] = len(reference)
     return rows
 
 
@@ -220,6 +222,8 @@ def _log(cfg: DictConfig, rows: list[dict]) -> None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_metrics(numbers)
         logger.save()
+        if hasattr(logger.experiment, "finish"):  # a wandb run: flush and close it now
+            logger.experiment.finish()
     finish_wandb()
 
 
@@ -247,6 +251,7 @@ def _print_table(rows: list[dict]) -> None:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
         std = "" if row.get("std") is None else f"{row['std']:.4f}"
         details = row.get("unavailable") or ", ".join(
-            f"{k}={row[k]}" for k in ("test_images", "samples", "sampler", "sampling_steps", "feature_extractor")
+            f"{k}={row[k]}" for k in ("test_images", "samples", "reference_images", "sampler", "sampling_steps",
+                                      "feature_extractor")
             if k in row)
         print(f"{row['metric']:<22}{value:>12}{std:>10}  {details}, {row['seconds']:.1f}s")

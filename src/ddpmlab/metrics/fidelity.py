@@ -125,6 +125,7 @@ def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], e
             feature_extractor_weights_path=weights, cache=True, cache_root=str(cache_root),
             input2_cache_name=f"{reference_name}-{extractor}-{tag}", batch_size=batch_size,
             kid_subset_size=min(kid_subset_size, len(generated), len(reference)), isc_splits=min(10, len(generated)),
+            save_cpu_ram=True,  # no DataLoader workers: the images are already in memory
             verbose=False,
         )
         keys = {"fid": [("frechet_inception_distance", None)],
