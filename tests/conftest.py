@@ -1,6 +1,7 @@
 """Shared fixtures: the real Hydra config, composed once per test and shrunk to run in seconds."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,15 @@ def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfi
 def cfg_smoke(tmp_path) -> DictConfig:
     """The smoke experiment writing into tmp_path/run, on the real Fashion-MNIST data."""
     return compose_config("experiment=smoke", output_dir=tmp_path / "run")
+
+
+def wandb_record(run_dir: Path, *keys: bytes, timeout: float = 30.0) -> bytes:
+    """The offline run's `.wandb` record (protobuf, strings stored as-is) once it holds every key.
+
+    wandb's service process writes the record in the background, so it is polled for up to `timeout` s.
+    """
+    record_file = next(Path(run_dir).glob("run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while not all(k in record_file.read_bytes() for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return record_file.read_bytes()

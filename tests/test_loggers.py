@@ -1,7 +1,7 @@
 """wandb through Lightning's WandbLogger, really running, offline: no account, no prompt, files to sync later."""
 
 from ddpmlab.training import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, wandb_record
 
 
 def test_wandb_without_credentials_logs_offline_into_the_run_folder(tmp_path, monkeypatch):
@@ -15,8 +15,9 @@ def test_wandb_without_credentials_logs_offline_into_the_run_folder(tmp_path, mo
     assert len(runs) == 1, "expected one offline run under the run folder"
     run = runs[0]
     # The run's record, which `wandb sync` uploads: protobuf records, strings stored as-is.
-    record = next(run.glob("run-*.wandb")).read_bytes()
-    for key in (b"train/loss", b"train/grad_norm", b"samples", b"ddpmlab.diffusion.schedules.linear_betas"):
+    keys = (b"train/loss", b"train/grad_norm", b"samples", b"ddpmlab.diffusion.schedules.linear_betas")
+    record = wandb_record(run, *keys)
+    for key in keys:
         assert key in record, f"{key!r} did not reach wandb"
     images = list((run / "files" / "media" / "images").glob("samples_*.png"))
     assert len(images) == 2, "the step-3 grid and the final grid are logged as images"
