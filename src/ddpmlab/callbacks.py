@@ -37,7 +37,7 @@ class SampleGrid(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         x = self.sampler(pl_module.ema_model, pl_module.diffusion, shape, generator, steps=self.sampling_steps,
                          progress=True)
-        return (x + 1.0) / 2.0
+        return (x + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
 
     def save(self, trainer, pl_module, name: str) -> Path:
         images = self.sample(pl_module)

@@ -136,6 +136,16 @@ READERS = {
 }
 
 
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 pixels {0..255} -> float32 in [-1, 1], the range the diffusion models (Ho et al. section 3.3)."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 pixels, rounded to the nearest of the 256 levels."""
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 class ImageTensorDataset(Dataset):
     """Index into a uint8 (N, C, H, W) tensor."""
 
@@ -214,7 +224,7 @@ class DiffusionDataModule(L.LightningDataModule):
                           num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
-        x = batch.float().div(127.5).sub(1.0)  # uint8 {0..255} -> [-1, 1]
+        x = to_model_range(batch)
         if self.random_flip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

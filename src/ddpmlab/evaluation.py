@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ddpmlab.checkpoints import check_matches, load_checkpoint
+from ddpmlab.data import to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.noise import per_example_generators
 from ddpmlab.errors import ConfigError
@@ -55,21 +56,31 @@ def _my_indices(fabric: Fabric, total: int) -> list[int]:
     return list(range(fabric.global_rank, total, fabric.world_size))
 
 
+def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(), dtype=torch.float32):
+    """fn(indices) -> rows of `row_shape` for those examples, over this rank's share in batches.
+
+    Returns all `total` rows in index order, on every rank (a rank with no examples contributes none).
+    """
+    indices = _my_indices(fabric, total)
+    parts = [fn(indices[start:start + batch_size])
+             for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=fabric.global_rank)]
+    local = torch.cat(parts) if parts else torch.zeros((0, *row_shape), dtype=dtype, device=fabric.device)
+    return _gather(fabric, local, total)
+
+
 def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
     """The full bound on cfg.nll.num_images test images: total, L_T, L_0, and the per-t terms, in bits/dim."""
     n = min(cfg.nll.num_images or len(test_images), len(test_images))
-    indices = _my_indices(fabric, n)
-    totals, priors, terms = [], [], []
-    for start in tqdm(range(0, len(indices), cfg.batch_size), desc="NLL (full bound)", disable=fabric.global_rank):
-        idx = indices[start:start + cfg.batch_size]
-        x_0 = test_images[idx].to(fabric.device).float() / 127.5 - 1
+
+    def bound(idx):  # -> (B, 1 + T): L_T, then terms[:, 0] = L_0, terms[:, t] = L_t
+        x_0 = to_model_range(test_images[idx].to(fabric.device))
         out = diffusion.calc_bpd_loop(model, x_0, per_example_generators(idx, cfg.seed, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised, progress=fabric.global_rank == 0)
-        totals.append(out["total"]), priors.append(out["prior"]), terms.append(out["terms"])
-    total = _gather(fabric, torch.cat(totals) if totals else torch.zeros(0, device=fabric.device), n)
-    prior = _gather(fabric, torch.cat(priors) if priors else torch.zeros(0, device=fabric.device), n)
-    per_t = _gather(fabric, torch.cat(terms) if terms else torch.zeros(0, diffusion.num_timesteps,
-                                                                        device=fabric.device), n)
+        return torch.cat([out["prior"][:, None], out["terms"]], 1)
+
+    rows = _per_example(fabric, n, cfg.batch_size, "NLL (full bound)", bound, (1 + diffusion.num_timesteps,))
+    prior, per_t = rows[:, 0], rows[:, 1:]
+    total = prior + per_t.sum(1)
     return {"bpd": total.mean().item(), "stderr": (total.std() / n**0.5).item() if n > 1 else None,
             "prior_bpd": prior.mean().item(), "decoder_bpd": per_t[:, 0].mean().item(),
             "terms_bpd": per_t.mean(0).tolist(), "num_images": n}
@@ -78,15 +89,14 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dic
 def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
     """The unbiased K-timestep estimate of the bound on cfg.nll_estimate.num_images test images, with its stderr."""
     n = min(cfg.nll_estimate.num_images or len(test_images), len(test_images))
-    indices = _my_indices(fabric, n)
-    estimates = []
-    for start in tqdm(range(0, len(indices), cfg.batch_size), desc="NLL (estimate)", disable=fabric.global_rank):
-        idx = indices[start:start + cfg.batch_size]
-        x_0 = test_images[idx].to(fabric.device).float() / 127.5 - 1
-        estimates.append(diffusion.estimate_bpd(model, x_0, cfg.nll_estimate.timesteps,
-                                                per_example_generators(idx, cfg.seed + 1, fabric.device),
-                                                clip_denoised=cfg.nll.clip_denoised))
-    values = _gather(fabric, torch.cat(estimates) if estimates else torch.zeros(0, device=fabric.device), n)
+
+    def estimate(idx):
+        x_0 = to_model_range(test_images[idx].to(fabric.device))
+        return diffusion.estimate_bpd(model, x_0, cfg.nll_estimate.timesteps,
+                                      per_example_generators(idx, cfg.seed + 1, fabric.device),
+                                      clip_denoised=cfg.nll.clip_denoised)
+
+    values = _per_example(fabric, n, cfg.batch_size, "NLL (estimate)", estimate)
     return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
             "num_images": n, "timesteps_per_image": cfg.nll_estimate.timesteps}
 
@@ -94,22 +104,19 @@ def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tenso
 def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int]) -> torch.Tensor:
     """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
     sampler = get_sampler(cfg.sampler, **({"eta": cfg.eta} if cfg.sampler == "ddim" else {}))
-    indices = _my_indices(fabric, cfg.num_samples)
-    images = []
-    for start in tqdm(range(0, len(indices), cfg.batch_size), desc=f"sampling ({cfg.sampler})",
-                      disable=fabric.global_rank):
-        idx = indices[start:start + cfg.batch_size]
-        x = sampler(model, diffusion, (len(idx), *shape), per_example_generators(idx, cfg.seed, fabric.device),
-                    steps=cfg.sampling_steps)
-        images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-    local = torch.cat(images) if images else torch.zeros((0, *shape), dtype=torch.uint8, device=fabric.device)
-    return _gather(fabric, local, cfg.num_samples).cpu()
+
+    def sample(idx):
+        generators = per_example_generators(idx, cfg.seed, fabric.device)
+        return to_uint8(sampler(model, diffusion, (len(idx), *shape), generators, steps=cfg.sampling_steps))
+
+    return _per_example(fabric, cfg.num_samples, cfg.batch_size, f"sampling ({cfg.sampler})", sample, shape,
+                        torch.uint8).cpu()
 
 
-def _run(fabric: Fabric, cfg: DictConfig) -> dict | None:
-    """One process's part; rank 0 returns the results."""
+def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
+    """One process's part; rank 0 returns the results. `run`: the loaded (model, diffusion, train config), if any."""
     torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))
-    model, diffusion, train_cfg = load_run(cfg.ckpt, cfg.use_ema)
+    model, diffusion, train_cfg = run or load_run(cfg.ckpt, cfg.use_ema)
     model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
     data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
     results, timings = {"rows": []}, {}
@@ -165,12 +172,13 @@ def evaluate(cfg: DictConfig) -> dict:
     if set(SAMPLE_METRICS) & set(cfg.metrics) and cfg.num_samples < 2:
         raise ConfigError(f"num_samples={cfg.num_samples} is too few for {sorted(set(SAMPLE_METRICS) & set(cfg.metrics))}")
     get_sampler(cfg.sampler)
-    load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
+    run = load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
     devices = cfg.trainer.devices
     strategy = "ddp_spawn" if devices not in (1, "1", "auto") else "auto"
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
     wall = time.perf_counter()
-    results = fabric.launch(_run, cfg) if strategy == "ddp_spawn" else _run(fabric, cfg)
+    # Spawned processes load the run themselves (a model is cheaper to rebuild than to pickle across).
+    results = fabric.launch(_run, cfg) if strategy == "ddp_spawn" else _run(fabric, cfg, run)
     results["wall_seconds"] = time.perf_counter() - wall
     return write_results(cfg, results)
 

@@ -42,6 +42,7 @@ class DiffusionModule(L.LightningModule):
         self.lr, self.warmup_steps, self.adam_betas, self.weight_decay = lr, warmup_steps, tuple(adam_betas), weight_decay
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
         self.config = config
+        self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "DiffusionModule":
         """Lightning puts the whole module in train mode; the EMA copy stays in eval (no dropout when sampling)."""
@@ -73,6 +74,9 @@ class DiffusionModule(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.log("train/grad_norm", norm)
 
+    def on_fit_start(self) -> None:
+        self._ema_pairs = None  # the module may have moved device since the last fit
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.update_ema()
 
@@ -81,10 +85,12 @@ class DiffusionModule(L.LightningModule):
         """ema <- decay * ema + (1 - decay) * weights, for every parameter and buffer at once."""
         step = self.global_step
         decay = min(self.ema_decay, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_decay
-        ema = list(self.ema_model.parameters()) + list(self.ema_model.buffers())
-        live = list(self.model.parameters()) + list(self.model.buffers())
-        floats = [(e, p) for e, p in zip(ema, live) if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [p.detach() for _, p in floats], 1.0 - decay)
+        if self._ema_pairs is None:  # paired once per fit (on_fit_start resets), not every step
+            ema = list(self.ema_model.parameters()) + list(self.ema_model.buffers())
+            live = list(self.model.parameters()) + list(self.model.buffers())
+            floats = [(e, p) for e, p in zip(ema, live) if e.is_floating_point()]
+            self._ema_pairs = ([e for e, _ in floats], [p for _, p in floats])
+        torch._foreach_lerp_(*self._ema_pairs, 1.0 - decay)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=self.adam_betas,

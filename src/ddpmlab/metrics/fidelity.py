@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import torch_fidelity
 from torch import Tensor
-from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from ddpmlab.data import ImageTensorDataset, to_model_range
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.inception import inception_logits_available
 from ddpmlab.models.classifier import load_classifier
@@ -46,7 +46,7 @@ class ClassifierFeatures(FeatureExtractorBase):
         return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
 
     def forward(self, x: Tensor):
-        x = x[:, : self.net.in_channels].float() / 127.5 - 1  # (B, 3, S, S) uint8 -> (B, C, S, S) in [-1, 1]
+        x = to_model_range(x[:, : self.net.in_channels])  # (B, 3, S, S) uint8 -> (B, C, S, S) in [-1, 1]
         features = self.net.features(x)
         out = {"features": features, "logits_unbiased": self.net.head(features)}
         return tuple(out[name] for name in self.features_list)
@@ -56,14 +56,8 @@ if CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(CLASSIFIER, ClassifierFeatures)
 
 
-class RGBImages(Dataset):
+class RGBImages(ImageTensorDataset):
     """uint8 (N, C, H, W) images as torch-fidelity wants them: (3, H, W) uint8, grayscale repeated."""
-
-    def __init__(self, images: Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, i: int) -> Tensor:
         image = self.images[i]
@@ -128,11 +122,10 @@ def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], e
             save_cpu_ram=True,  # no DataLoader workers: the images are already in memory
             verbose=False,
         )
-        keys = {"fid": [("frechet_inception_distance", None)],
-                "is": [("inception_score_mean", "inception_score_std")],
-                "kid": [("kernel_inception_distance_mean", "kernel_inception_distance_std")]}
-        for metric, pairs in keys.items():
-            for mean_key, std_key in pairs if wanted[metric] else []:
+        keys = {"fid": ("frechet_inception_distance", None), "is": ("inception_score_mean", "inception_score_std"),
+                "kid": ("kernel_inception_distance_mean", "kernel_inception_distance_std")}
+        for metric, (mean_key, std_key) in keys.items():
+            if wanted[metric]:
                 rows.append({"metric": metric, "value": float(results[mean_key]),
                              "std": float(results[std_key]) if std_key else None, "feature_extractor": described})
     for metric, reason in unavailable.items():

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ddpmlab.data import READERS, labels_of, to_model_range
+
 
 class Classifier(nn.Module):
     """Three conv blocks -> global average pool (the `features`, 256-d) -> linear logits.
@@ -61,7 +63,7 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Te
             order = torch.randperm(len(train_images))
             for i in range(len(train_images) // batch_size):
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                x = train_images[idx].float() / 127.5 - 1
+                x = to_model_range(train_images[idx])
                 x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(-1), x)
                 loss = F.cross_entropy(model(x), train_labels[idx])
                 optimizer.zero_grad()
@@ -72,7 +74,7 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Te
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     with torch.no_grad():
-        predictions = torch.cat([model(test_images[i:i + 512].float() / 127.5 - 1).argmax(1)
+        predictions = torch.cat([model(to_model_range(test_images[i:i + 512])).argmax(1)
                                  for i in range(0, len(test_images), 512)])
     accuracy = (predictions == test_labels).float().mean().item()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,8 +96,6 @@ def load_classifier(path: str | Path) -> tuple[Classifier, float]:
 
 def labelled_split(dataset: str, root: str, train: bool) -> tuple[Tensor, Tensor]:
     """uint8 images and int64 labels of a torchvision dataset split, through the project's readers."""
-    from ddpmlab.data import READERS, labels_of
-
     return READERS[dataset](Path(root), train=train), labels_of(dataset, Path(root), train)
 
 
