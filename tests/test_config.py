@@ -8,10 +8,11 @@ from hydra.utils import instantiate
 from ddpmlab.data import DiffusionDataModule
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.models import UNet
-from ddpmlab.training import build_module
+from ddpmlab.training import build_module, build_network
 from tests.conftest import ROOT, compose_config
 
-GROUPS = ["data", "model", "schedule", "diffusion", "trainer", "logger", "callbacks", "paths", "experiment"]
+GROUPS = ["data", "model", "schedule", "diffusion", "timestep_sampler", "trainer", "logger", "callbacks", "paths",
+          "experiment"]
 # Options whose images or U-Net need the other side to be at 32x32.
 AT_32 = {"data=cifar10": "model=unet_cifar10", "data=image_folder": "model=unet_cifar10",
          "model=unet_cifar10": "data=cifar10"}
@@ -28,13 +29,15 @@ def test_every_option_composes_and_instantiates(override, tmp_path):
         extra.append(f"data.root={tmp_path}")
     cfg = compose_config(override, *extra, output_dir=tmp_path)
     assert isinstance(instantiate(cfg.data), DiffusionDataModule)
-    assert isinstance(instantiate(cfg.model), UNet)
-    diffusion = instantiate(cfg.diffusion)
-    assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_timesteps == cfg.schedule.timesteps
+    model, diffusion = build_network(cfg)
+    assert isinstance(model, UNet) and isinstance(diffusion, GaussianDiffusion)
+    assert diffusion.num_timesteps == cfg.schedule.timesteps
     for callback in cfg.callbacks.values():
         instantiate(callback)
     instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    assert build_module(cfg).config["seed"] == cfg.seed
+    module = build_module(cfg)
+    assert module.config["seed"] == cfg.seed
+    assert module.timestep_sampler.num_timesteps == diffusion.num_timesteps
 
 
 def test_every_group_has_options():
@@ -53,6 +56,23 @@ def test_paper_recipe_is_the_papers():
     assert cfg.trainer.max_steps == 800_000 and cfg.trainer.gradient_clip_val == 1.0
     assert (cfg.model.ch, list(cfg.model.ch_mult), cfg.model.num_res_blocks) == (128, [1, 2, 2, 2], 2)
     assert list(cfg.model.attn_resolutions) == [16] and cfg.model.dropout == 0.1
+
+
+def test_iddpm_recipe_is_the_papers():
+    """Nichol & Dhariwal 2021's CIFAR-10 setting: learned_range + hybrid, cosine T=4000, the wider U-Net."""
+    cfg = compose_config("experiment=iddpm_cifar10")
+    assert cfg.schedule._target_.endswith("cosine_betas") and cfg.schedule.timesteps == 4000
+    assert (cfg.diffusion.variance, cfg.diffusion.loss, cfg.diffusion.vlb_weight) == ("learned_range", "hybrid", 0.001)
+    assert (cfg.model.ch, list(cfg.model.ch_mult), cfg.model.num_res_blocks) == (128, [1, 2, 2, 2], 3)
+    assert list(cfg.model.attn_resolutions) == [16, 8] and cfg.model.num_heads == 4 and cfg.model.scale_shift_norm
+    assert cfg.model.dropout == 0.3 and cfg.data.batch_size == 128 and cfg.trainer.max_steps == 500_000
+    assert (cfg.optim.lr, cfg.optim.ema_decay) == (1e-4, 0.9999)
+    model, diffusion = build_network(cfg)
+    assert model.conv_out.out_channels == 6  # eps and the variance interpolation v, per RGB channel
+    small = compose_config("experiment=iddpm_fashion_mnist")
+    default = compose_config()
+    assert (small.diffusion.variance, small.diffusion.loss) == ("learned_range", "hybrid")
+    assert small.model == default.model and small.optim == default.optim and small.trainer == default.trainer
 
 
 def test_overrides_reach_the_objects(tmp_path):

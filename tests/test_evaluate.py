@@ -80,6 +80,45 @@ def test_classifier_fid_is_kid_with_cached_reference_statistics(trained, tmp_pat
     assert (tmp_path / "a" / "samples.png").is_file()
 
 
+def test_fid_against_steps_gives_a_row_per_sampler_and_steps_and_a_plot(trained, tmp_path):
+    common = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid]",
+              "feature_extractor=classifier", "num_samples=6"]
+    record = evaluate(compose_eval(*common, "sampler=[ddim,dpm_solver]", "sampling_steps=[2,5]",
+                                   output_dir=tmp_path / "sweep"))
+    rows = {(r["sampler"], r["sampling_steps"]): r["value"] for r in record["results"] if r["metric"] == "fid"}
+    assert set(rows) == {("ddim", 2), ("ddim", 5), ("dpm_solver", 2), ("dpm_solver", 5)}
+    assert all(v > 0 for v in rows.values()) and rows[("ddim", 5)] != rows[("dpm_solver", 5)]
+    # Two steps of DPM-Solver++ are DDIM's: a first-order step, then the jump to sigma = 0 (both return x_0).
+    assert rows[("ddim", 2)] == pytest.approx(rows[("dpm_solver", 2)], rel=1e-4)
+    assert (tmp_path / "sweep" / "metrics_vs_steps.png").stat().st_size > 1000
+    # A sweep's setting is the same evaluation as that setting alone: same images, same FID.
+    alone = evaluate(compose_eval(*common, "sampler=dpm_solver", "sampling_steps=5", output_dir=tmp_path / "one"))
+    assert torch.equal(torch.load(tmp_path / "sweep" / "samples_dpm_solver_5.pt"), torch.load(tmp_path / "one" / "samples.pt"))
+    assert alone["results"][0]["value"] == pytest.approx(rows[("dpm_solver", 5)])
+
+
+def test_sampling_steps_out_of_range_fail_before_any_work(trained, tmp_path):
+    from ddpmlab.errors import ConfigError
+
+    cfg = compose_eval(f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid]",
+                       "sampler=dpm_solver", "sampling_steps=[2,51]", output_dir=tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"sampling_steps=51 must be an integer between 1 and T=50"):
+        evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_learned_variance_checkpoint_gets_its_nll_and_ancestral_samples(trained, tmp_path):
+    """An iDDPM model (learned_range, hybrid loss) through the same evaluate(): bound terms use its variances."""
+    train(compose_config("experiment=smoke", "diffusion=iddpm", "schedule=cosine", "timestep_sampler=importance",
+                         output_dir=tmp_path / "run"))
+    cfg = compose_eval(f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"data_root={trained['data']}",
+                       "metrics=[nll,fid]", "nll.num_images=3", "feature_extractor=classifier", "num_samples=4",
+                       output_dir=tmp_path / "eval")
+    record = evaluate(cfg)
+    assert len(record["nll"]["terms_bpd"]) == 50 and 0 < record["nll"]["bpd"] < 100
+    assert torch.load(tmp_path / "eval" / "samples.pt").shape == (4, 1, 28, 28)
+
+
 def test_inception_from_fid_helper_gives_fid_and_says_why_there_is_no_is(trained, tmp_path):
     cfg = compose_eval(f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid,is]",
                        "feature_extractor=inception", "inception_weights=fid-helper", "num_samples=8",

@@ -3,6 +3,7 @@
 import os
 
 import lightning as L
+import pytest
 import torch
 from omegaconf import open_dict
 from PIL import Image
@@ -10,6 +11,7 @@ from PIL import Image
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.training import train
 from tests.conftest import compose_config
+from tests.test_data import write_cifar10
 
 
 def test_smoke_fit_on_real_fashion_mnist_writes_checkpoint_samples_and_metrics(cfg_smoke):
@@ -59,3 +61,51 @@ def test_resume_continues_the_step_count_and_keeps_the_ema(tmp_path):
     after = load_checkpoint(tmp_path / "second" / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 9
     assert any(not torch.equal(after["state_dict"][f"ema_model.{k}"], v) for k, v in ema.items())
+
+
+class RecordSampler(L.Callback):
+    """Remembers the importance sampler's state each fit starts from."""
+
+    starts: list = []
+
+    def on_train_start(self, trainer, pl_module):
+        RecordSampler.starts.append({k: v.clone() for k, v in pl_module.timestep_sampler.state_dict().items()})
+
+
+def test_importance_sampler_state_round_trips_through_a_checkpoint(tmp_path):
+    first = compose_config("experiment=smoke", "timestep_sampler=importance", output_dir=tmp_path / "first")
+    train(first)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(last)["state_dict"]
+    assert saved["timestep_sampler.loss_counts"].sum() == 6 * 8  # every example of the 6 steps recorded
+    assert saved["timestep_sampler.loss_history"].abs().sum() > 0
+
+    resumed = compose_config("experiment=smoke", "timestep_sampler=importance", "trainer.max_steps=9",
+                             f"ckpt_path={last}", output_dir=tmp_path / "second")
+    with open_dict(resumed):
+        resumed.callbacks.recorder = {"_target_": f"{__name__}.RecordSampler"}
+    RecordSampler.starts.clear()
+    train(resumed)
+    for key, value in RecordSampler.starts[0].items():
+        assert torch.equal(value, saved[f"timestep_sampler.{key}"])
+    after = load_checkpoint(tmp_path / "second" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert after["timestep_sampler.loss_counts"].sum() == 9 * 8
+
+
+SHRINK = ["trainer.max_steps=2", "data.batch_size=2", "trainer.log_every_n_steps=1",
+          "callbacks.sample_grid.num_samples=1", "callbacks.sample_grid.sampling_steps=2",
+          "callbacks.checkpoint.every_n_train_steps=2"]
+
+
+@pytest.mark.parametrize("experiment", ["ddpm_cifar10", "iddpm_cifar10", "iddpm_fashion_mnist"])
+def test_every_preset_trains_a_few_steps_on_cpu(experiment, tmp_path):
+    """Each preset at its real network size, two optimizer steps (CIFAR-10 files written in the real format)."""
+    extra = []
+    if "cifar10" in experiment:
+        write_cifar10(tmp_path / "data" / "cifar-10-batches-py", per_batch=2)
+        extra = [f"data.root={tmp_path / 'data'}", "data.verify_checksums=false"]
+    cfg = compose_config(f"experiment={experiment}", *SHRINK, *extra, output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "train/vlb_bpd" in metrics
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2 and checkpoint["config"]["task_name"] == experiment

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from ddpmlab.checkpoints import check_matches, load_checkpoint
 from ddpmlab.data import to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
+from ddpmlab.diffusion.samplers import check_steps
 from ddpmlab.diffusion.noise import per_example_generators
 from ddpmlab.errors import ConfigError
-from ddpmlab.training import build
+from ddpmlab.training import build, build_network
 
 METRICS = ("nll", "nll_estimate", "fid", "is", "kid")
 SAMPLE_METRICS = ("fid", "is", "kid")
@@ -33,7 +34,7 @@ def load_run(ckpt_path: str, use_ema: bool):
         raise ConfigError(f"checkpoint {ckpt_path} holds no ddpmlab config: it was not written by train.py")
     train_cfg = OmegaConf.create(checkpoint["config"])
     try:
-        model, diffusion = build(train_cfg.model), build(train_cfg.diffusion)
+        model, diffusion = build_network(train_cfg)
     except Exception as err:  # a config from another version or project
         raise ConfigError(f"checkpoint {ckpt_path} has a config this version cannot build ({err})") from None
     prefix = "ema_model." if use_ema else "model."
@@ -101,16 +102,22 @@ def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tenso
             "num_images": n, "timesteps_per_image": cfg.nll_estimate.timesteps}
 
 
-def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int]) -> torch.Tensor:
+def sampling_settings(cfg) -> list[tuple[str, int | None]]:
+    """(sampler, steps) pairs to evaluate: `sampler` and `sampling_steps` may each be one value or a list."""
+    as_list = lambda v: list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]  # noqa: E731
+    return [(name, steps) for name in as_list(cfg.sampler) for steps in as_list(cfg.sampling_steps)]
+
+
+def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps) -> torch.Tensor:
     """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
-    sampler = get_sampler(cfg.sampler, **({"eta": cfg.eta} if cfg.sampler == "ddim" else {}))
+    sampler = get_sampler(name, **({"eta": cfg.eta} if name == "ddim" else {}))
 
     def sample(idx):
         generators = per_example_generators(idx, cfg.seed, fabric.device)
-        return to_uint8(sampler(model, diffusion, (len(idx), *shape), generators, steps=cfg.sampling_steps))
+        return to_uint8(sampler(model, diffusion, (len(idx), *shape), generators, steps=steps))
 
-    return _per_example(fabric, cfg.num_samples, cfg.batch_size, f"sampling ({cfg.sampler})", sample, shape,
-                        torch.uint8).cpu()
+    return _per_example(fabric, cfg.num_samples, cfg.batch_size, f"sampling ({name}, {steps or 'all'} steps)",
+                        sample, shape, torch.uint8).cpu()
 
 
 def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
@@ -119,7 +126,7 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
     model, diffusion, train_cfg = run or load_run(cfg.ckpt, cfg.use_ema)
     model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
     data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
-    results, timings = {"rows": []}, {}
+    results, timings = {"settings": []}, {}
     if {"nll", "nll_estimate"} & set(cfg.metrics):
         data.setup("test")
         for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate)):
@@ -128,17 +135,20 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
                 results[metric] = fn(fabric, cfg, model, diffusion, data.test_images)
                 timings[metric] = time.perf_counter() - start
     if set(SAMPLE_METRICS) & set(cfg.metrics):
-        start = time.perf_counter()
-        results["samples"] = generate(fabric, cfg, model, diffusion, (data.channels, data.image_size, data.image_size))
-        timings["sampling"] = time.perf_counter() - start
+        shape = (data.channels, data.image_size, data.image_size)
+        for name, steps in sampling_settings(cfg):
+            start = time.perf_counter()
+            samples = generate(fabric, cfg, model, diffusion, shape, name, steps)
+            results["settings"].append({"sampler": name, "sampling_steps": steps, "samples": samples,
+                                        "sampling_seconds": time.perf_counter() - start})
     if fabric.global_rank != 0:
         return None
     results["timings"], results["train_cfg"] = timings, OmegaConf.to_container(train_cfg)
-    if set(SAMPLE_METRICS) & set(cfg.metrics):
-        results["rows"] = sample_metrics(cfg, train_cfg, data, results["samples"], fabric.device)
+    for setting in results["settings"]:
+        setting["rows"] = sample_metrics(cfg, train_cfg, data, setting["samples"], fabric.device)
         # Returned across processes by pickling: numpy goes by value, a torch tensor by a shared-memory handle
         # that dies with this process.
-        results["samples"] = results["samples"].numpy()
+        setting["samples"] = setting["samples"].numpy()
     return results
 
 
@@ -171,8 +181,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}: choose from {', '.join(METRICS)}")
     if set(SAMPLE_METRICS) & set(cfg.metrics) and cfg.num_samples < 2:
         raise ConfigError(f"num_samples={cfg.num_samples} is too few for {sorted(set(SAMPLE_METRICS) & set(cfg.metrics))}")
-    get_sampler(cfg.sampler)
     run = load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
+    if set(SAMPLE_METRICS) & set(cfg.metrics):
+        for name, steps in sampling_settings(cfg):
+            get_sampler(name)
+            check_steps(name, steps, run[1].num_timesteps)
     devices = cfg.trainer.devices
     strategy = "ddp_spawn" if devices not in (1, "1", "auto") else "auto"
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
@@ -184,19 +197,20 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def _rows(cfg, results: dict) -> list[dict]:
-    common = {"samples": cfg.num_samples, "sampler": cfg.sampler, "sampling_steps": cfg.sampling_steps}
     rows = []
     for metric in ("nll", "nll_estimate"):
         if metric in results:
             r = results[metric]
             rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
                          "test_images": r["num_images"], "seconds": results["timings"][metric]})
-    rows += [{**row, **common, "seconds": row["seconds"] + results["timings"]["sampling"]} for row in results["rows"]]
+    for setting in results["settings"]:
+        common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"]}
+        rows += [{**row, **common, "seconds": row["seconds"] + setting["sampling_seconds"]} for row in setting["rows"]]
     return rows
 
 
 def write_results(cfg: DictConfig, results: dict) -> dict:
-    """The JSON record, the sample grid, the per-t plot and the printed table."""
+    """The JSON record (one row per metric and sampling setting), sample grids, the plots and the printed table."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(cfg, results)
@@ -209,11 +223,16 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
         record["nll"] = {k: results["nll"][k] for k in ("bpd", "stderr", "prior_bpd", "decoder_bpd", "num_images")}
         record["nll"]["terms_bpd"] = results["nll"]["terms_bpd"]
         _plot_terms(results["nll"], out / "nll_per_t.png")
-    if "samples" in results and len(results["samples"]):
-        results["samples"] = torch.from_numpy(results["samples"])
-        grid = results["samples"][:64].float() / 255
-        torchvision.utils.save_image(grid, out / "samples.png", nrow=max(1, round(len(grid) ** 0.5)))
-        torch.save(results["samples"], out / "samples.pt")  # every generated image, uint8 (N, C, H, W)
+    settings = results["settings"]
+    for setting in settings:
+        # one setting: samples.png / samples.pt; a sweep: samples_<sampler>_<steps>.png / .pt per setting
+        suffix = f"_{setting['sampler']}_{setting['sampling_steps'] or 'all'}" if len(settings) > 1 else ""
+        samples = torch.from_numpy(setting["samples"])
+        torchvision.utils.save_image(samples[:64].float() / 255, out / f"samples{suffix}.png",
+                                     nrow=max(1, round(min(64, len(samples)) ** 0.5)))
+        torch.save(samples, out / f"samples{suffix}.pt")  # every generated image, uint8 (N, C, H, W)
+    if len({(s["sampler"], s["sampling_steps"]) for s in settings}) > 1:
+        _plot_against_steps(rows, out / "metrics_vs_steps.png")
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
     _print_table(rows)
     _log(cfg, rows)
@@ -248,6 +267,31 @@ def _plot_terms(nll: dict, path: Path) -> None:
     ax.set_ylabel("bits/dim")
     ax.set_title(f"bound terms: L_0 at t=1, L_(t-1) after; total {nll['bpd']:.3f} bits/dim "
                  f"({nll['num_images']} images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_against_steps(rows: list[dict], path: Path) -> None:
+    """FID (and each other sample metric) against the number of sampling steps, one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("fid", "kid", "is") if any(r["metric"] == m and r["value"] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for sampler in dict.fromkeys(r["sampler"] for r in rows if "sampler" in r):
+            points = sorted((r["sampling_steps"] or 0, r["value"]) for r in rows
+                            if r["metric"] == metric and r.get("sampler") == sampler and r["value"] is not None)
+            ax.plot(*zip(*points), marker="o", label=sampler)
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps (network evaluations)")
+        ax.set_ylabel(metric.upper())
+        ax.legend()
+    fig.suptitle(f"{rows[-1]['samples']} samples per point; features: {rows[-1].get('feature_extractor', '')}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""The LightningModule: the DDPM loss, Adam with warm-up, gradient clipping and EMA weights."""
+"""The LightningModule: the diffusion loss, timestep sampling, Adam with warm-up, gradient clipping and EMA weights."""
 
 import copy
 
@@ -7,14 +7,17 @@ import torch
 from torch import Tensor, nn
 
 from ddpmlab.diffusion import GaussianDiffusion
+from ddpmlab.diffusion.timesteps import UniformTimesteps
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains `model` on `diffusion`'s L_simple and keeps an exponential moving average of its weights.
+    """Trains `model` on `diffusion`'s loss and keeps an exponential moving average of its weights.
 
     Args:
         model: the network, `model(x_t, t)`.
         diffusion: the GaussianDiffusion that defines q, p and the loss.
+        timestep_sampler: draws each example's t and its loss weight (default: uniform); its state, if any,
+            is part of the module's state and so of every checkpoint.
         lr: Adam's learning rate (Ho et al.: 2e-4 for CIFAR-10).
         warmup_steps: steps of linear learning-rate warm-up from 0 (Ho et al.: 5000).
         ema_decay: EMA decay per optimizer step (Ho et al.: 0.9999).
@@ -27,6 +30,7 @@ class DiffusionModule(L.LightningModule):
         self,
         model: nn.Module,
         diffusion: GaussianDiffusion,
+        timestep_sampler: UniformTimesteps | None = None,
         lr: float = 2e-4,
         warmup_steps: int = 5000,
         ema_decay: float = 0.9999,
@@ -39,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         self.model = model
         self.ema_model = copy.deepcopy(model).requires_grad_(False).eval()
         self.diffusion = diffusion
+        self.timestep_sampler = timestep_sampler or UniformTimesteps(diffusion.num_timesteps)
         self.lr, self.warmup_steps, self.adam_betas, self.weight_decay = lr, warmup_steps, tuple(adam_betas), weight_decay
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
         self.config = config
@@ -54,11 +59,16 @@ class DiffusionModule(L.LightningModule):
         return self.model(x_t, t)
 
     def training_step(self, x_0: Tensor, batch_idx: int) -> Tensor:
-        t = torch.randint(0, self.diffusion.num_timesteps, (x_0.shape[0],), device=x_0.device)
+        t, weights = self.timestep_sampler.sample(x_0.shape[0], x_0.device)
         eps = torch.randn_like(x_0)
-        losses = self.diffusion.training_losses(self.model, x_0, t, eps)  # (B,)
+        terms = self.diffusion.training_losses(self.model, x_0, t, eps)  # each (B,)
+        self.timestep_sampler.update(t, terms["vb"])
+        losses = terms["loss"] * weights
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", terms["mse"].mean())
+        # T * mean(w L_t): an unbiased estimate of the bound without L_T, in bits/dim, whatever the loss trained.
+        self.log("train/vlb_bpd", self.diffusion.num_timesteps * (terms["vb"] * weights).mean())
         # The loss by quarter of the t range: where the network still has most to learn.
         quarter = (t * 4) // self.diffusion.num_timesteps
         sums = torch.zeros(4, device=x_0.device).index_add_(0, quarter, losses.detach())

@@ -30,12 +30,19 @@ def build(node, **kwargs):
         raise cause from None
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """U-Net + diffusion + optimisation settings -> the LightningModule (the resolved config rides along)."""
-    model = build(cfg.model)
+def build_network(cfg: DictConfig):
+    """(model, diffusion) from a run config; the diffusion says how many output channels the network needs."""
     diffusion = build(cfg.diffusion)
+    model = build(cfg.model, out_channels=diffusion.output_channels(cfg.data.channels))
+    return model, diffusion
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """U-Net + diffusion + timestep sampler + optimisation settings -> the LightningModule (the config rides along)."""
+    model, diffusion = build_network(cfg)
+    timestep_sampler = build(cfg.timestep_sampler, num_timesteps=diffusion.num_timesteps)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return DiffusionModule(model, diffusion, config=config, **cfg.optim)
+    return DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
 
 
 def _check_output_dir(output_dir: Path) -> None:

@@ -1,7 +1,8 @@
-"""Gaussian diffusion: the forward process q, its posterior, the model's p and the L_simple loss.
+"""Gaussian diffusion: the forward process q, its posterior, the model's p, the training losses and the bound.
 
-The math of Ho et al. 2020 (arXiv 2006.11239) in the paper's names. It knows nothing of the
-network: `model` is any callable `model(x_t, t) -> output` with output of x_t's shape.
+The math of Ho et al. 2020 (arXiv 2006.11239) and Nichol & Dhariwal 2021 (arXiv 2102.09672, "iDDPM") in the
+papers' names. It knows nothing of the network: `model` is any callable `model(x_t, t) -> output`, with output
+of x_t's shape, or twice its channels when the variance is learned (`output_channels`).
 Timestep indices are 0-based: index i here is the paper's t = i + 1.
 """
 
@@ -16,7 +17,9 @@ from ddpmlab.diffusion.noise import Generator, randint, randn
 from ddpmlab.errors import ConfigError
 
 PREDICTIONS = ("eps", "x0", "v")
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned", "learned_range")
+LOSSES = ("simple", "vlb", "hybrid")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def _gather(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -33,7 +36,15 @@ class GaussianDiffusion(nn.Module):
             (Salimans & Ho 2022, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0).
         variance: the reverse variance sigma_t^2: `fixed_small` = beta-tilde_t (eq. 7) or
             `fixed_large` = beta_t (section 3.2; at t=1 beta-tilde_2 is used, as in Nichol & Dhariwal 2021,
-            so that the decoder's log-likelihood is not ruined by a tiny beta_1).
+            so that the decoder's log-likelihood is not ruined by a tiny beta_1); or learned by extra output
+            channels: `learned` (the log variance itself) or `learned_range` (iDDPM eq. 15, an interpolation
+            between log beta_t and log beta-tilde_t).
+        loss: `simple` (Ho et al. eq. 14, an MSE on the prediction target), `vlb` (the bound's terms,
+            iDDPM's L_vlb) or `hybrid` = L_simple + vlb_weight * L_vlb with the mean frozen in L_vlb (iDDPM eq. 16).
+        vlb_weight: lambda of the hybrid loss (iDDPM: 0.001).
+        loss_weighting: `none`, or `min_snr` (Hang et al. 2023): the MSE at t weighted so that it equals
+            min(SNR_t, gamma) times the x_0 error, whatever the prediction target.
+        min_snr_gamma: gamma of min_snr (Hang et al.: 5).
         timestep_map: for a respaced diffusion, the original index of each kept step; the network is
             always called with original indices.
     """
@@ -43,15 +54,17 @@ class GaussianDiffusion(nn.Module):
         betas: Tensor,
         prediction: str = "eps",
         variance: str = "fixed_large",
+        loss: str = "simple",
+        vlb_weight: float = 0.001,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
         timestep_map: Tensor | None = None,
     ):
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ConfigError(f"diffusion.prediction={prediction!r} is unknown: choose one of {', '.join(PREDICTIONS)}")
-        if variance not in VARIANCES:
-            raise ConfigError(f"diffusion.variance={variance!r} is unknown: choose one of {', '.join(VARIANCES)}")
-        self.prediction = prediction
-        self.variance = variance
+        self._validate(prediction, variance, loss, loss_weighting, min_snr_gamma)
+        self.prediction, self.variance, self.loss = prediction, variance, loss
+        self.vlb_weight, self.loss_weighting, self.min_snr_gamma = vlb_weight, loss_weighting, min_snr_gamma
+        self.learns_variance = variance.startswith("learned")
         betas = torch.as_tensor(betas, dtype=torch.float64)
         self.betas64 = betas  # kept in float64 (not a buffer) so respacing stays exact
         self.num_timesteps = len(betas)
@@ -64,8 +77,10 @@ class GaussianDiffusion(nn.Module):
         # beta-tilde_1 = 0: its log is replaced by log beta-tilde_2 (only ever used at t=1 as a decoder scale).
         posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
         large_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
         tables = {
             "betas": betas,
+            "log_betas": betas.log(),
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
@@ -76,14 +91,45 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": posterior_log_variance,
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-            "model_variance": posterior_variance if variance == "fixed_small" else large_variance,
             "model_log_variance": posterior_log_variance if variance == "fixed_small" else large_variance.log(),
+            "mse_weight": self._mse_weights(snr),
         }
         for name, table in tables.items():
             self.register_buffer(name, table.float(), persistent=False)
         if timestep_map is None:
             timestep_map = torch.arange(self.num_timesteps)
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
+
+    @staticmethod
+    def _validate(prediction: str, variance: str, loss: str, loss_weighting: str, min_snr_gamma: float) -> None:
+        for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("variance", variance, VARIANCES),
+                                    ("loss", loss, LOSSES), ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)):
+            if value not in allowed:
+                raise ConfigError(f"diffusion.{key}={value!r} is unknown: choose one of {', '.join(allowed)}")
+        learned = variance.startswith("learned")
+        if learned and loss == "simple":
+            raise ConfigError(f"diffusion.variance={variance} is trained only by the bound, which loss=simple leaves "
+                              "out: use diffusion.loss=hybrid (or vlb)")
+        if not learned and loss == "hybrid":
+            raise ConfigError(f"diffusion.loss=hybrid trains the variance (its L_vlb term sees a frozen mean), but "
+                              f"variance={variance} is fixed: use diffusion.variance=learned_range, or loss=simple|vlb")
+        if loss_weighting == "min_snr" and loss == "vlb":
+            raise ConfigError("diffusion.loss_weighting=min_snr weights the MSE term, which loss=vlb has not: "
+                              "use loss=simple or hybrid, or loss_weighting=none")
+        if not min_snr_gamma > 0:
+            raise ConfigError(f"diffusion.min_snr_gamma must be positive, got {min_snr_gamma}")
+
+    def _mse_weights(self, snr: Tensor) -> Tensor:
+        """Per-t weight of the MSE: min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, and
+        min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023, eq. 7 and section 3.4); ones without weighting."""
+        if self.loss_weighting == "none":
+            return torch.ones_like(snr)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[self.prediction]
+
+    def output_channels(self, channels: int) -> int:
+        """The network's output channels for images of `channels`: twice as many when it also outputs the variance."""
+        return 2 * channels if self.learns_variance else channels
 
     # ---- forward process ------------------------------------------------------------------------
 
@@ -135,9 +181,30 @@ class GaussianDiffusion(nn.Module):
 
     # ---- reverse process ------------------------------------------------------------------------
 
+    def split_output(self, output: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The network's output as (prediction, variance values): (B, 2C, H, W) -> 2 x (B, C, H, W) when learned."""
+        if not self.learns_variance:
+            return output, None
+        return output.chunk(2, dim=1)
+
+    def p_log_variance(self, var_output: Tensor | None, x_t: Tensor, t: Tensor) -> Tensor:
+        """log sigma_t^2 of p(x_{t-1} | x_t): a fixed table, the network's value (`learned`), or iDDPM eq. 15
+        (`learned_range`): v log beta_t + (1 - v) log beta-tilde_t with the output o in [-1, 1] mapped to v = (o + 1) / 2.
+        """
+        if self.variance == "learned":
+            return var_output
+        if self.variance == "learned_range":
+            frac = (var_output + 1.0) / 2.0
+            return frac * _gather(self.log_betas, t, x_t) + (1.0 - frac) * _gather(self.posterior_log_variance_clipped, t, x_t)
+        return _gather(self.model_log_variance, t, x_t).expand_as(x_t)
+
     def denoise(self, model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> tuple[Tensor, Tensor]:
         """The network's (x_0, eps) at x_t; with clip_denoised, x_0 is clipped to [-1, 1] and eps made consistent."""
-        pred_x0, pred_eps = self.model_x0_eps(model(x_t, self.timestep_map[t]), x_t, t)
+        prediction, _ = self.split_output(model(x_t, self.timestep_map[t]))
+        return self._x0_eps(prediction, x_t, t, clip_denoised)
+
+    def _x0_eps(self, prediction: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool) -> tuple[Tensor, Tensor]:
+        pred_x0, pred_eps = self.model_x0_eps(prediction, x_t, t)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
             pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0)
@@ -148,15 +215,16 @@ class GaussianDiffusion(nn.Module):
 
         With clip_denoised the x_0 estimate is clipped to the data range [-1, 1] first, as in Ho et al.'s sampler.
         """
-        pred_x0, pred_eps = self.denoise(model, x_t, t, clip_denoised)
+        return self.p_from_output(model(x_t, self.timestep_map[t]), x_t, t, clip_denoised)
+
+    def p_from_output(self, output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> dict[str, Tensor]:
+        """p_mean_variance for a network output already computed (the training losses call the network once)."""
+        prediction, var_output = self.split_output(output.float())
+        pred_x0, pred_eps = self._x0_eps(prediction, x_t, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return {
-            "mean": mean,
-            "variance": _gather(self.model_variance, t, x_t).expand_as(x_t),
-            "log_variance": _gather(self.model_log_variance, t, x_t).expand_as(x_t),
-            "pred_x0": pred_x0,
-            "pred_eps": pred_eps,
-        }
+        log_variance = self.p_log_variance(var_output, x_t, t)
+        return {"mean": mean, "variance": log_variance.exp(), "log_variance": log_variance,
+                "pred_x0": pred_x0, "pred_eps": pred_eps}
 
     def p_sample(self, model, x_t: Tensor, t: Tensor, generator: Generator = None) -> Tensor:
         """One ancestral step x_{t-1} = mu_theta + sigma_t z, with no noise at the last step (Algorithm 2)."""
@@ -167,15 +235,30 @@ class GaussianDiffusion(nn.Module):
 
     # ---- training -------------------------------------------------------------------------------
 
-    def training_losses(self, model, x_0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """L_simple per example: mean over pixels of ||target - model(x_t, t)||^2 (Ho et al. eq. 14).
+    def training_losses(self, model, x_0: Tensor, t: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        """The configured loss per example, with its parts; every value has shape (B,).
 
-        For prediction=eps this is exactly eq. 14; for x0 and v the same MSE on that target. Shape (B,).
+        mse: mean over pixels of w_t ||target - prediction||^2 (Ho et al. eq. 14 for eps; w_t = 1 unless min_snr).
+        vb:  the bound's term L_{t-1} (L_0 at t=1) in bits/dim, from the same `vb_terms_from_output` as the NLL.
+        loss: `simple` = mse; `vlb` = T * vb, an unbiased one-sample estimate of L_vlb - L_T in bits/dim;
+              `hybrid` = mse + lambda T vb with the mean frozen in vb (iDDPM eq. 16, section 3.1), so the
+              bound trains only the variance channels.
+        The network is called once. vb is always returned (detached unless it is trained): the importance
+        timestep sampler learns from it and the logs show it.
         """
         x_t = self.q_sample(x_0, t, eps)
-        model_output = model(x_t, self.timestep_map[t])
+        output = model(x_t, self.timestep_map[t]).float()
+        prediction, var_output = self.split_output(output)
         target = self.training_target(x_0, t, eps)
-        return (model_output.float() - target).pow(2).flatten(1).mean(1)
+        mse = (prediction - target).pow(2).flatten(1).mean(1) * self.mse_weight[t]
+        if self.loss == "hybrid":
+            output = torch.cat([prediction.detach(), var_output], dim=1)  # stop-gradient on the mean
+        elif self.loss == "simple":
+            output = output.detach()
+        vb = self.vb_terms_from_output(output, x_0, x_t, t, clip_denoised=False)
+        loss = {"simple": mse, "vlb": self.num_timesteps * vb,
+                "hybrid": mse + self.vlb_weight * self.num_timesteps * vb}[self.loss]
+        return {"loss": loss, "mse": mse.detach(), "vb": vb.detach()}
 
     # ---- the variational bound (Ho et al. eq. 5), in bits per dimension -----------------------
 
@@ -187,13 +270,18 @@ class GaussianDiffusion(nn.Module):
         return kl.flatten(1).mean(1) / math.log(2.0)
 
     def vb_terms_bpd(self, model, x_0: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> Tensor:
-        """The bound's term at each example's t, in bits/dim. Shape (B,).
+        """The bound's term at each example's t, in bits/dim, calling the network. Shape (B,)."""
+        return self.vb_terms_from_output(model(x_t, self.timestep_map[t]), x_0, x_t, t, clip_denoised)
+
+    def vb_terms_from_output(self, output: Tensor, x_0: Tensor, x_t: Tensor, t: Tensor,
+                             clip_denoised: bool = True) -> Tensor:
+        """The bound's term at each example's t, in bits/dim, from the network's output. Shape (B,).
 
         t > 0 (paper's t >= 2): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)).
         t = 0 (paper's t = 1):  L_0 = -log p(x_0 | x_1), the discretized Gaussian decoder (eq. 13).
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_0, x_t, t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+        out = self.p_from_output(output, x_t, t, clip_denoised=clip_denoised)
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]).flatten(1).mean(1)
         decoder_nll = -discretized_gaussian_log_likelihood(x_0, out["mean"], 0.5 * out["log_variance"]).flatten(1).mean(1)
         return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
@@ -245,6 +333,7 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod = torch.cumprod(1.0 - self.betas64, 0)[kept]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         respaced = GaussianDiffusion(
-            1.0 - alphas_cumprod / prev, self.prediction, self.variance, timestep_map=self.timestep_map.cpu()[kept]
+            1.0 - alphas_cumprod / prev, self.prediction, self.variance, self.loss, self.vlb_weight,
+            self.loss_weighting, self.min_snr_gamma, timestep_map=self.timestep_map.cpu()[kept],
         )
         return respaced.to(self.betas.device)

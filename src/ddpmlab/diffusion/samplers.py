@@ -5,6 +5,7 @@
 """
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -30,11 +31,7 @@ def ancestral(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gener
 
     `steps` is accepted for a uniform interface and must be None or T.
     """
-    if steps not in (None, diffusion.num_timesteps):
-        raise ConfigError(
-            f"the ancestral sampler runs all T={diffusion.num_timesteps} steps, got sampling_steps={steps}: "
-            "use sampler=respaced or sampler=ddim for fewer steps"
-        )
+    check_steps("ancestral", steps, diffusion.num_timesteps)
     x = randn(shape, generator, diffusion.betas.device)
     for t in _timesteps(diffusion, shape, progress):
         x = diffusion.p_sample(model, x, t, generator)
@@ -71,7 +68,50 @@ def ddim(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator:
     return x.clamp(-1.0, 1.0)
 
 
-SAMPLERS = {"ancestral": ancestral, "respaced": respaced, "ddim": ddim}
+@torch.no_grad()
+def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator: Generator = None,
+               steps: int | None = None, progress: bool = False) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): the probability-flow ODE solved in
+    lambda = log(alpha / sigma) with the data prediction x_theta and a second-order multistep correction.
+
+    One network call per step, at `steps` evenly spaced timesteps t_1 > ... > t_K (alpha_t = sqrt(alpha_bar_t),
+    sigma_t = sqrt(1 - alpha_bar_t)). With h_i = lambda_{t_i} - lambda_{t_(i-1)} and r_i = h_(i-1) / h_i:
+        D_i = (1 + 1 / (2 r_i)) x_theta(t_(i-1)) - 1 / (2 r_i) x_theta(t_(i-2))   (D_1 = x_theta(t_0): first order)
+        x_{t_i} = (sigma_{t_i} / sigma_{t_(i-1)}) x_{t_(i-1)} - alpha_{t_i} (exp(-h_i) - 1) D_i
+    The last step goes to sigma = 0, where this is x_theta itself (first order, as "lower_order_final" does).
+    Deterministic: `generator` only draws x_T. Works with any prediction and variance: only x_0 is used.
+    """
+    spaced = diffusion.respace(diffusion.num_timesteps if steps is None else steps)
+    alpha = spaced.sqrt_alphas_cumprod.double()
+    sigma = spaced.sqrt_one_minus_alphas_cumprod.double()
+    lam = (alpha / sigma).log()  # (K,) lambda at each kept step
+    x = randn(shape, generator, spaced.betas.device)
+    prev_x0, prev_h = None, None
+    for t in _timesteps(spaced, shape, progress):
+        i = int(t[0])
+        x_0, _ = spaced.denoise(model, x, t)
+        if i == 0:
+            return x_0.clamp(-1.0, 1.0)
+        h = (lam[i - 1] - lam[i]).item()
+        half_inv_r = 0.0 if prev_h is None else h / (2 * prev_h)  # 1 / (2 r_i)
+        d = x_0 if prev_x0 is None else (1 + half_inv_r) * x_0 - half_inv_r * prev_x0
+        x = (sigma[i - 1] / sigma[i]).item() * x - (alpha[i - 1] * math.expm1(-h)).item() * d
+        prev_x0, prev_h = x_0, h
+    return x.clamp(-1.0, 1.0)
+
+
+SAMPLERS = {"ancestral": ancestral, "respaced": respaced, "ddim": ddim, "dpm_solver": dpm_solver}
+
+
+def check_steps(name: str, steps, num_timesteps: int) -> None:
+    """Raise one clear line when sampler `name` cannot run `steps` steps of a T-step diffusion (None: all T)."""
+    if name == "ancestral" and steps not in (None, num_timesteps):
+        raise ConfigError(
+            f"the ancestral sampler runs all T={num_timesteps} steps, got sampling_steps={steps}: "
+            "use sampler=respaced, ddim or dpm_solver for fewer steps"
+        )
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps):
+        raise ConfigError(f"sampling_steps={steps!r} must be an integer between 1 and T={num_timesteps}")
 
 
 def get_sampler(name: str, **options):

@@ -4,8 +4,11 @@ Per resolution: `num_res_blocks` residual blocks (GroupNorm, swish, 3x3 convs, t
 added in between, dropout), self-attention at the resolutions in `attn_resolutions`, then a strided
 3x3 conv down. The decoder mirrors it with one extra block per level fed by skip connections.
 The CIFAR-10 setting (ch=128, ch_mult=1,2,2,2, 2 blocks, attention at 16) has 35.7M parameters.
+Two options of Nichol & Dhariwal 2021 (iDDPM's CIFAR-10 network): multi-head attention (`num_heads`) and the
+time embedding as a scale and shift of the second GroupNorm (`scale_shift_norm`).
 """
 
+import functools
 import math
 
 import torch
@@ -35,40 +38,51 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """Wide-ResNet block: GN-swish-conv, + Dense(temb), GN-swish-dropout-conv, plus a 1x1 skip when channels change.
 
-    With `attn`, self-attention follows the block (the U-Net's attention resolutions).
+    With `attn`, self-attention follows the block (the U-Net's attention resolutions). With `scale_shift`,
+    the time embedding gives (s, b) and the second norm becomes GN(h) (1 + s) + b instead of h + Dense(temb).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, attn: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, attn: bool = False,
+                 num_heads: int = 1, scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.temb_proj = nn.Linear(temb_ch, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch, groups) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, groups, num_heads) if attn else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, 4ch) -> (B, C, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        emb = self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, 4ch) -> (B, C or 2C, 1, 1)
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.attn(self.skip(x) + h)
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
+    """Self-attention over the H*W positions with `num_heads` heads (Ho et al.: 1), with a residual connection."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, num_heads: int = 1):
         super().__init__()
+        self.num_heads = num_heads
         self.norm = nn.GroupNorm(groups, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        heads = self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, heads, c // heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # 3 x (B, heads, HW, C / heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C / heads)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -108,11 +122,15 @@ class UNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
         norm_groups: int = 32,
+        num_heads: int = 1,
+        scale_shift_norm: bool = False,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
-        self._validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups)
+        self._validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups, num_heads)
         temb_ch = 4 * ch
+        block = functools.partial(ResBlock, temb_ch=temb_ch, dropout=dropout, groups=norm_groups,
+                                  num_heads=num_heads, scale_shift=scale_shift_norm)
         self.ch = ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -121,7 +139,7 @@ class UNet(nn.Module):
         skip_chs, cur, res = [ch], ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(cur, ch * mult, temb_ch, dropout, norm_groups, res in attn_resolutions))
+                self.down.append(block(cur, ch * mult, attn=res in attn_resolutions))
                 cur = ch * mult
                 skip_chs.append(cur)
             if level != len(ch_mult) - 1:
@@ -129,15 +147,12 @@ class UNet(nn.Module):
                 skip_chs.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, temb_ch, dropout, norm_groups, attn=True), ResBlock(cur, cur, temb_ch, dropout, norm_groups)]
-        )
+        self.mid = nn.ModuleList([block(cur, cur, attn=True), block(cur, cur)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                attn = res in attn_resolutions
-                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, temb_ch, dropout, norm_groups, attn))
+                self.up.append(block(cur + skip_chs.pop(), ch * mult, attn=res in attn_resolutions))
                 cur = ch * mult
             if level != 0:
                 self.up.append(Upsample(cur))
@@ -152,7 +167,7 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups) -> None:
+    def _validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups, num_heads) -> None:
         factor = 2 ** (len(ch_mult) - 1)
         if image_size % factor:
             raise ConfigError(
@@ -164,6 +179,12 @@ class UNet(nn.Module):
             raise ConfigError(
                 f"model: channel counts {bad} are not divisible by norm_groups={norm_groups}: "
                 f"make model.ch a multiple of {norm_groups}"
+            )
+        bad = [ch * m for m in ch_mult if (ch * m) % num_heads]
+        if num_heads < 1 or bad:
+            raise ConfigError(
+                f"model.num_heads={num_heads} does not divide the channel counts {bad or [ch]}: "
+                f"use a num_heads that divides model.ch"
             )
         if num_res_blocks < 1:
             raise ConfigError(f"model.num_res_blocks must be at least 1, got {num_res_blocks}")
