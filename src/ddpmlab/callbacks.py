@@ -1,5 +1,7 @@
-"""Callbacks: a grid of samples from the EMA weights, saved as PNG and sent to the logger."""
+"""Callbacks: sample grids from the EMA weights, and last.ckpt at the step where training stops."""
 
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -7,6 +9,7 @@ import torch
 import torchvision
 
 from ddpmlab.diffusion import get_sampler
+from ddpmlab.errors import Preempted
 
 
 class SampleGrid(L.Callback):
@@ -59,3 +62,50 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer, pl_module, "final.png")
+
+
+class LastCheckpoint(L.Callback):
+    """`checkpoints/last.ckpt` at the step where training stops, whatever stops it.
+
+    At the end of training, when ModelCheckpoint's interval did not land on the final step. On SIGTERM
+    (SLURM, cloud preemption) or SIGINT (Ctrl-C): the current optimizer step finishes, last.ckpt is saved at
+    that step (atomically), and training stops with `Preempted`, whose message says how to continue
+    (`python train.py ckpt_path=last`).
+
+    The handlers only set a flag, so a signal never interrupts a step or a checkpoint write half-way. Under
+    DDP the flag is OR-reduced across ranks every step, so all ranks save and stop at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        signum = self.received or signal.SIGTERM  # another rank's signal
+        raise Preempted(signum, f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; "
+                                "continue this run with: python train.py ckpt_path=last (same overrides)")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        if saved != trainer.global_step:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

@@ -1,13 +1,51 @@
-"""Checkpoint files: loaded without running pickled code, and checked against the model before use."""
+"""Checkpoint files: written atomically, loaded without running pickled code, checked against the model."""
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from ddpmlab.errors import ConfigError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made crash-safe: each checkpoint goes to a temporary file in the same
+    folder, is flushed to disk, then renamed over the old one (an atomic replace on POSIX). A kill at any
+    moment leaves the previous complete file or the new complete file, never a torn one; a failed write
+    (disk full, permissions) removes its temporary file, keeps the previous checkpoint and says so in one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+                if stale != tmp:
+                    stale.unlink(missing_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself reaches the disk
+            finally:
+                os.close(directory)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(
+                f"cannot write checkpoint {path} ({err.strerror or err}): the previous checkpoint is kept; "
+                "free disk space or set paths.output_dir to a writable folder with room"
+            ) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -35,10 +73,13 @@ def check_matches(model: nn.Module, checkpoint: dict, path: str | Path) -> None:
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
     if missing or unexpected or wrong:
-        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
-                  + (f" (e.g. {wrong[0]}: {found[wrong[0]]} vs {expected[wrong[0]]})" if wrong else "")
-                  + (f" (e.g. missing {missing[0]})" if missing and not wrong else ""))
+        def listed(keys, show=lambda k: k):
+            return ", ".join(show(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+        parts = ([f"missing {listed(missing)}"] if missing else []) + \
+                ([f"unexpected {listed(unexpected)}"] if unexpected else []) + \
+                ([f"other shape {listed(wrong, lambda k: f'{k} {found[k]} vs {expected[k]}')}"] if wrong else [])
         raise ConfigError(
-            f"checkpoint {path} does not match the model ({detail}): use the model config of the run that wrote it "
-            "(its .hydra/config.yaml, or the 'config' stored in the checkpoint)"
+            f"checkpoint {path} does not match the model ({'; '.join(parts)}): use the model config of the run "
+            "that wrote it (its .hydra/config.yaml, or the 'config' stored in the checkpoint)"
         )

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpmlab.errors import ConfigError
 
@@ -26,6 +26,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 def _require_root(root: Path, name: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.root={root} is not a folder: point data.root at the folder that holds {name}")
     if not root.is_dir():
         raise ConfigError(f"data.root={root} does not exist: point data.root at the folder that holds {name}")
 
@@ -159,6 +161,40 @@ class ImageTensorDataset(Dataset):
         return self.images[i]
 
 
+class StepBatchSampler(Sampler[list[int]]):
+    """Training batches whose order is a function of (seed, batch number) alone, so that a run resumed at any
+    step sees exactly the batches the uninterrupted run would have seen.
+
+    Epoch e is the permutation drawn by a generator seeded with (seed, e); batch k of the run is batch
+    k mod per_epoch of epoch k // per_epoch (incomplete last batches are dropped). Each `iter()` yields from
+    the current batch to the end of its epoch. Under DDP, rank r takes every world_size-th example of a
+    global batch of world_size x batch_size, so the ranks split one global order.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = min(batch_size * world_size, num_examples)
+        self.per_epoch = max(1, num_examples // self.global_batch)
+        self.next_batch = start
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def permutation(self, epoch: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def __iter__(self):
+        epoch, position = divmod(self.next_batch, self.per_epoch)
+        order = self.permutation(epoch)
+        for k in range(position, self.per_epoch):
+            self.next_batch += 1
+            batch = order[k * self.global_batch:(k + 1) * self.global_batch]
+            yield batch[self.rank::self.world_size].tolist()
+
+
 class DiffusionDataModule(L.LightningDataModule):
     """Batches of images in [-1, 1], (B, C, H, W) float32, with an optional random horizontal flip.
 
@@ -169,6 +205,7 @@ class DiffusionDataModule(L.LightningDataModule):
         random_flip: flip each training image left-right with probability 1/2 (Ho et al. use it for CIFAR-10).
         download: let torchvision download the dataset (needs internet).
         verify_checksums: CIFAR-10 only: check torchvision's MD5 sums of the pickles.
+        seed: seeds the order of training batches (StepBatchSampler), which resumes exactly.
     """
 
     def __init__(
@@ -182,6 +219,7 @@ class DiffusionDataModule(L.LightningDataModule):
         random_flip: bool = False,
         download: bool = False,
         verify_checksums: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         if dataset not in READERS:
@@ -192,6 +230,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers = batch_size, num_workers
         self.random_flip, self.download, self.verify_checksums = random_flip, download, verify_checksums
+        self.seed = seed
         self.train_images: Tensor | None = None
         self.test_images: Tensor | None = None
 
@@ -215,9 +254,14 @@ class DiffusionDataModule(L.LightningDataModule):
             self.test_images = self.read(train=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(ImageTensorDataset(self.train_images), batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_images) >= self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        trainer = self.trainer
+        # A resumed fit asks for its loader after the checkpoint is restored: start at the next batch.
+        start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = StepBatchSampler(len(self.train_images), self.batch_size, self.seed, start, rank, world)
+        # Its own generator: creating an iterator must not draw from the global RNG (resumes stay exact).
+        return DataLoader(ImageTensorDataset(self.train_images), batch_sampler=batches, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(ImageTensorDataset(self.test_images), batch_size=self.batch_size, shuffle=False,

@@ -182,6 +182,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if set(SAMPLE_METRICS) & set(cfg.metrics) and cfg.num_samples < 2:
         raise ConfigError(f"num_samples={cfg.num_samples} is too few for {sorted(set(SAMPLE_METRICS) & set(cfg.metrics))}")
     run = load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
+    _check_counts(cfg, run[2])
     if set(SAMPLE_METRICS) & set(cfg.metrics):
         for name, steps in sampling_settings(cfg):
             get_sampler(name)
@@ -194,6 +195,20 @@ def evaluate(cfg: DictConfig) -> dict:
     results = fabric.launch(_run, cfg) if strategy == "ddp_spawn" else _run(fabric, cfg, run)
     results["wall_seconds"] = time.perf_counter() - wall
     return write_results(cfg, results)
+
+
+def _check_counts(cfg, train_cfg) -> None:
+    """Sample and image counts that cannot be honoured fail here, in the main process, before any work."""
+    if not (isinstance(cfg.num_samples, int) and cfg.num_samples > 0):
+        raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples!r}")
+    wanted = {key: cfg[key].num_images for key in ("nll", "nll_estimate") if key in cfg.metrics and cfg[key].num_images}
+    if wanted:
+        data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
+        data.setup("test")
+        for key, n in wanted.items():
+            if not 0 < n <= len(data.test_images):
+                raise ConfigError(f"{key}.num_images={n} is outside 1..{len(data.test_images)} (the test split): "
+                                  f"use {key}.num_images=null for all of it")
 
 
 def _rows(cfg, results: dict) -> list[dict]:

@@ -8,6 +8,9 @@ from torch import Tensor, nn
 
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.timesteps import UniformTimesteps
+from ddpmlab.errors import ConfigError, NonFiniteLoss
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class DiffusionModule(L.LightningModule):
@@ -23,6 +26,11 @@ class DiffusionModule(L.LightningModule):
         ema_decay: EMA decay per optimizer step (Ho et al.: 0.9999).
         ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so short runs get a useful average early.
         adam_betas, weight_decay: the rest of Adam's settings (the paper uses PyTorch's defaults, no decay).
+        on_nonfinite: what a NaN/Inf loss or gradient does. `stop`: it is recorded on the device (no host
+            sync per step), checked every `log_every_n_steps` and before every checkpoint write, and training
+            stops with NonFiniteLoss naming the first bad step; no checkpoint after it is written.
+            `skip`: that step's update is skipped (one scalar host sync per step to decide) and counted in
+            `train/skipped_steps`.
         config: the resolved run config, stored in every checkpoint under "config".
     """
 
@@ -37,16 +45,27 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = False,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
+        on_nonfinite: str = "stop",
         config: dict | None = None,
     ):
         super().__init__()
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ConfigError(f"optim.lr must be a positive number, got {lr!r}: the paper uses optim.lr=2e-4")
+        if not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
+            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {ema_decay!r}: the paper uses 0.9999")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"optim.on_nonfinite={on_nonfinite!r} is unknown: choose one of "
+                              f"{', '.join(NONFINITE_POLICIES)}")
         self.model = model
         self.ema_model = copy.deepcopy(model).requires_grad_(False).eval()
         self.diffusion = diffusion
         self.timestep_sampler = timestep_sampler or UniformTimesteps(diffusion.num_timesteps)
         self.lr, self.warmup_steps, self.adam_betas, self.weight_decay = lr, warmup_steps, tuple(adam_betas), weight_decay
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
-        self.config = config
+        self.config, self.on_nonfinite = config, on_nonfinite
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        self.register_buffer("skipped_steps", torch.tensor(0), persistent=False)
+        self._loss_finite: Tensor | None = None
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "DiffusionModule":
@@ -65,6 +84,7 @@ class DiffusionModule(L.LightningModule):
         self.timestep_sampler.update(t, terms["vb"])
         losses = terms["loss"] * weights
         loss = losses.mean()
+        self._loss_finite = torch.isfinite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())
         # T * mean(w L_t): an unbiased estimate of the bound without L_T, in bits/dim, whatever the loss trained.
@@ -79,16 +99,46 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip the global gradient norm (Ho et al.: 1.0) and log the norm before clipping."""
+        """Clip the global gradient norm (Ho et al.: 1.0), log the norm before clipping, and catch NaN/Inf.
+
+        Runs after backward and before Adam's update, so a skipped step is one whose gradients are removed:
+        Adam leaves parameters without a gradient untouched (weights, moments and its step count).
+        """
         max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.log("train/grad_norm", norm)
+        bad = ~(torch.isfinite(norm) & self._loss_finite)
+        if self.on_nonfinite == "skip":
+            if bad.item():  # the one host sync of this policy
+                optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+            self.log("train/skipped_steps", self.skipped_steps.float())
+        else:
+            first = self.first_nonfinite_step
+            first.copy_(torch.where(bad & (first < 0), torch.full_like(first, self.global_step), first))
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if any step so far had a NaN/Inf loss or gradient (a host sync: called rarely)."""
+        step = int(self.first_nonfinite_step)
+        if step >= 0:
+            raise NonFiniteLoss(
+                f"the loss or its gradient became NaN/Inf at step {step + 1}: training stopped and no checkpoint "
+                "after it was written; resume from the last checkpoint with a lower optim.lr, or set "
+                "optim.on_nonfinite=skip to skip such steps"
+            )
 
     def on_fit_start(self) -> None:
         self._ema_pairs = None  # the module may have moved device since the last fit
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Adam's step, then the EMA update: both before any callback's on_train_batch_end, so a checkpoint
+        written there (ModelCheckpoint, LastCheckpoint) holds the EMA of the same step as the weights."""
+        super().optimizer_step(*args, **kwargs)
         self.update_ema()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.on_nonfinite == "stop" and self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite()
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -110,5 +160,16 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # a checkpoint of NaN weights is never written over the last good one
         if self.config is not None:
             checkpoint["config"] = self.config
+        # The global RNG draws t, eps, dropout and flips: saved so a resumed run continues the same stream.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])

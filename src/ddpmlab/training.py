@@ -6,9 +6,9 @@ from pathlib import Path
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpmlab.checkpoints import check_matches, load_checkpoint
+from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoint
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import DiffusionModule
@@ -45,6 +45,16 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     return DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
 
 
+def resolve_last(cfg: DictConfig) -> Path:
+    """`ckpt_path=last`: the newest checkpoints/last.ckpt among this task's run folders (runs/<task_name>/*)."""
+    task_dir = Path(cfg.paths.log_dir) / cfg.task_name
+    found = sorted(task_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"ckpt_path=last: no run of task {cfg.task_name!r} has a checkpoint under {task_dir}: "
+                          "train first, or pass ckpt_path=PATH/last.ckpt")
+    return found[-1]
+
+
 def _check_output_dir(output_dir: Path) -> None:
     """Refuse to write into a run folder that already holds an earlier run's checkpoints."""
     ckpts = output_dir / "checkpoints"
@@ -56,9 +66,17 @@ def _check_output_dir(output_dir: Path) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as `cfg` says; returns the last logged metrics. Raises ConfigError on bad input, before training."""
+    """Train as `cfg` says; returns the last logged metrics. Raises ConfigError on bad input, before training.
+
+    With ckpt_path=last the newest run of this task continues in its own folder (cfg is updated to say so).
+    """
+    if cfg.ckpt_path == "last":
+        last = resolve_last(cfg)
+        with open_dict(cfg):
+            cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
     output_dir = Path(cfg.paths.output_dir)
-    _check_output_dir(output_dir)
+    if cfg.ckpt_path is None or Path(cfg.ckpt_path).resolve().parent != (output_dir / "checkpoints").resolve():
+        _check_output_dir(output_dir)  # a run continued in place may of course hold its own checkpoints
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build(cfg.data)
@@ -69,10 +87,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]
-    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir))
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir),
+                    plugins=[AtomicCheckpointIO()])
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    saved = output_dir / "config_resolved.yaml"
+    for n in range(1, 10_000):  # a run continued in place keeps the config of each part
+        if not saved.exists():
+            break
+        saved = output_dir / f"config_resolved_{n}.yaml"
+    OmegaConf.save(cfg, saved, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(module.config)
     try:

@@ -1,0 +1,156 @@
+"""The catalogue of bad input (docs/bad_input.md): each case as a real process, one line, exit 2, nothing lost.
+
+All cases run once, two processes at a time (one thread each), in a module fixture; each parametrized test then
+checks its own case: the exit code, the last stderr line, no traceback, and that nothing earlier changed.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpmlab.checkpoints import AtomicCheckpointIO, load_checkpoint
+from ddpmlab.errors import ConfigError
+from ddpmlab.training import train
+from tests.conftest import ROOT, compose_config
+
+pytestmark = pytest.mark.slow
+
+# (id, script, arguments with {placeholders} filled from the fixture's files, start of the last stderr line)
+CASES = [
+    ("timesteps_zero", "train", "schedule.timesteps=0", "error: schedule.timesteps must be a positive integer"),
+    ("timesteps_not_a_number", "train", "schedule.timesteps=many", "error: schedule.timesteps must be a positive integer"),
+    ("batch_size_zero", "train", "data.batch_size=0", "error: data.batch_size must be at least 1"),
+    ("negative_lr", "train", "optim.lr=-0.001", "error: optim.lr must be a positive number"),
+    ("lr_not_a_number", "train", "optim.lr=fast", "error: optim.lr must be a positive number"),
+    ("ema_decay_above_one", "train", "optim.ema_decay=1.5", "error: optim.ema_decay must be in [0, 1)"),
+    ("unknown_nonfinite_policy", "train", "optim.on_nonfinite=ignore", "error: optim.on_nonfinite='ignore' is unknown"),
+    ("unknown_prediction", "train", "diffusion.prediction=score", "error: diffusion.prediction='score' is unknown"),
+    ("learned_variance_with_simple_loss", "train", "diffusion.variance=learned_range",
+     "error: diffusion.variance=learned_range is trained only by the bound"),
+    ("hybrid_loss_with_fixed_variance", "train", "diffusion.loss=hybrid", "error: diffusion.loss=hybrid trains the variance"),
+    ("image_size_not_halvable", "train", "data.image_size=27", "error: model: image size 27 cannot be halved"),
+    ("channels_not_divisible_by_groups", "train", "model.ch=24", "error: model: channel counts [24, 48]"),
+    ("heads_not_dividing_channels", "train", "model.num_heads=3", "error: model.num_heads=3 does not divide"),
+    ("unknown_key", "train", "no_such_key=1", "Could not override 'no_such_key'."),
+    ("unknown_group_option", "train", "model=transformer", "In 'config': Could not find 'model/transformer'"),
+    ("missing_data_folder", "train", "data=mnist data.root=/nonexistent/folder",
+     "error: data.root=/nonexistent/folder does not exist"),
+    ("data_root_is_a_file", "train", "data=mnist data.root={file}", "error: data.root={file} is not a folder"),
+    ("empty_image_folder", "train", "data=image_folder data.channels=1 data.image_size=28 data.root={empty}",
+     "error: data.root={empty} holds no images"),
+    ("corrupt_image", "train", "data=image_folder data.channels=1 data.image_size=28 data.root={images}",
+     "error: cannot read image {images}/truncated.jpg"),
+    ("missing_checkpoint", "train", "ckpt_path=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
+    ("corrupt_checkpoint", "train", "ckpt_path={corrupt}", "error: checkpoint {corrupt} cannot be loaded safely"),
+    ("malicious_checkpoint", "train", "ckpt_path={malicious}", "error: checkpoint {malicious} cannot be loaded safely"),
+    ("checkpoint_of_another_model", "train", "ckpt_path={other}",
+     "error: checkpoint {other} does not match the model (missing ema_model.conv_in.bias"),
+    ("resume_last_without_runs", "train", "ckpt_path=last", "error: ckpt_path=last: no run of task 'smoke'"),
+    ("run_folder_already_used", "train", "hydra.run.dir={used}", "error: {used} already holds checkpoints"),
+    ("unwritable_output_folder", "train", "paths.output_dir={file}/run", "error: cannot write to {file}/run (Not a directory)"),
+    ("evaluate_unwritable_output_folder", "evaluate", "ckpt={good} metrics=[fid] paths.output_dir={file}/eval",
+     "error: cannot write to {file}/eval (Not a directory)"),
+    ("evaluate_missing_checkpoint", "evaluate", "ckpt=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
+    ("evaluate_unknown_metric", "evaluate", "ckpt={good} metrics=[fid,bogus]", "error: metrics=['fid', 'bogus'] has unknown"),
+    ("evaluate_unknown_sampler", "evaluate", "ckpt={good} metrics=[fid] sampler=heun", "error: sampler='heun' is unknown"),
+    ("evaluate_steps_out_of_range", "evaluate", "ckpt={good} metrics=[fid] sampler=ddim sampling_steps=0",
+     "error: sampling_steps=0 must be an integer between 1 and T=50"),
+    ("evaluate_ancestral_with_fewer_steps", "evaluate", "ckpt={good} metrics=[fid] sampling_steps=10",
+     "error: the ancestral sampler runs all T=50 steps"),
+    ("evaluate_more_nll_images_than_the_test_split", "evaluate", "ckpt={good} metrics=[nll] nll.num_images=999999",
+     "error: nll.num_images=999999 is outside 1..10000"),
+    ("evaluate_too_few_samples", "evaluate", "ckpt={good} metrics=[fid] num_samples=1", "error: num_samples=1 is too few"),
+]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    """Every case's files, then every case run as a process: {id: (CompletedProcess, last line expected)}."""
+    root = tmp_path_factory.mktemp("bad_input")
+    files = {"file": root / "a_file.txt", "empty": root / "empty", "images": root / "images",
+             "corrupt": root / "corrupt.ckpt", "malicious": root / "malicious.ckpt", "other": root / "other.ckpt",
+             "used": root / "used_run", "good": root / "good" / "checkpoints" / "last.ckpt"}
+    files["file"].write_text("not a folder")
+    files["empty"].mkdir()
+    files["images"].mkdir()
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(files["images"] / "ok.png")
+    (files["images"] / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    files["corrupt"].write_bytes(os.urandom(4096))
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {root / 'pwned'}",))
+
+    torch.save({"state_dict": {}, "payload": Exploit()}, files["malicious"])
+    torch.save({"state_dict": {"model.layer.weight": torch.zeros(3)}}, files["other"])
+    (files["used"] / "checkpoints").mkdir(parents=True)
+    (files["used"] / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    train(compose_config("experiment=smoke", output_dir=root / "good"))
+    before = _fingerprint(root)
+
+    def run(case):
+        name, script, args, expected = case
+        fill = {k: str(v) for k, v in files.items()}
+        argv = [sys.executable, str(ROOT / f"{script}.py"), *args.format(**fill).split()]
+        argv += [f"paths.log_dir={root / 'logs'}"] + (["experiment=smoke"] if script == "train" else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        result = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        return name, (result, expected.format(**fill))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, CASES))
+    return {"results": results, "root": root, "before": before, "after": _fingerprint(root),
+            "junk": sorted(str(p) for p in (root / "logs").rglob("*") if p.is_dir() and p.parent.name in ("smoke", "eval"))
+            if (root / "logs").is_dir() else []}
+
+
+def _fingerprint(root: Path) -> dict:
+    """SHA-256 of every file the fixture made (not logs or evaluation outputs, which runs may add)."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and "logs" not in p.parts and "outputs" not in p.parts}
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_bad_input_gives_one_line_exit_2_and_loses_nothing(catalogue, case):
+    result, expected = catalogue["results"][case]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-1500:]
+    if expected.startswith("error: "):  # ours: the last line, alone
+        assert lines[-1].startswith(expected), result.stderr[-1500:]
+    else:  # Hydra's own report of an override it cannot compose
+        assert any(line.startswith(expected) for line in lines), result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    for path, digest in catalogue["before"].items():  # every earlier file is byte-identical
+        assert catalogue["after"].get(path) == digest, path
+    assert not (catalogue["root"] / "pwned").exists()
+    assert not catalogue["junk"], "a failed run left its folder behind"
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    """The checkpoint writer's temporary file is /dev/full (every write fails with ENOSPC, as on a full disk)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, folder / "last.ckpt")
+    digest = hashlib.sha256((folder / "last.ckpt").read_bytes()).hexdigest()
+    (folder / f".last.ckpt.{os.getpid()}.tmp").symlink_to("/dev/full")
+    with pytest.raises(ConfigError, match=r"cannot write checkpoint .*last.ckpt \(No space left on device\): "
+                                          r"the previous checkpoint is kept"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 2}, folder / "last.ckpt")
+    assert hashlib.sha256((folder / "last.ckpt").read_bytes()).hexdigest() == digest
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def test_the_docs_table_lists_every_case():
+    table = (ROOT / "docs" / "bad_input.md").read_text()
+    for name, script, args, expected in CASES:
+        assert f"`{script}.py {args}`" in table, name

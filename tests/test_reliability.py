@@ -1,0 +1,204 @@
+"""Runs that survive kills and preemption, resume exactly, and stop cleanly on NaN: each property done for real."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from ddpmlab.checkpoints import load_checkpoint
+from ddpmlab.errors import NonFiniteLoss
+from ddpmlab.training import train
+from tests.conftest import ROOT, compose_config
+
+DATA = ROOT / "data"
+
+
+class RecordBatches(L.Callback):
+    """The checksum of every training batch, in order (class-level: train() builds the instance)."""
+
+    seen: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        RecordBatches.seen.append(hashlib.sha256(batch.cpu().numpy().tobytes()).hexdigest())
+
+
+def _with_callback(cfg, name: str, target: str):
+    with open_dict(cfg):
+        cfg.callbacks[name] = {"_target_": target}
+    return cfg
+
+
+def test_stopping_and_resuming_gives_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """8 steps in one go == 4 steps, stop, resume for 4: weights, EMA, Adam, importance sampler, data, step."""
+    common = ["experiment=smoke", "timestep_sampler=importance", "data.random_flip=true", "trainer.deterministic=true",
+              "callbacks.checkpoint.every_n_train_steps=4", "data.batch_size=4"]
+
+    def run(name, *extra):
+        cfg = compose_config(*common, *extra, output_dir=tmp_path / name)
+        train(_with_callback(cfg, "batches", f"{__name__}.RecordBatches"))
+        return tmp_path / name / "checkpoints" / "last.ckpt"
+
+    RecordBatches.seen = []
+    whole = load_checkpoint(run("whole", "trainer.max_steps=8"))
+    uninterrupted = RecordBatches.seen
+    RecordBatches.seen = []
+    half = run("half", "trainer.max_steps=4")
+    resumed = load_checkpoint(run("resumed", "trainer.max_steps=8", f"ckpt_path={half}"))
+    assert RecordBatches.seen == uninterrupted and len(set(uninterrupted)) == 8  # the same 8 batches, in order
+    assert resumed["global_step"] == whole["global_step"] == 8
+    assert whole["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in whole["state_dict"].items():  # model, ema_model, timestep_sampler
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    adam_whole, adam_resumed = whole["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]
+    for index, state in adam_whole.items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, adam_resumed[index][name]), (index, name)
+    assert torch.equal(whole["rng_states"]["torch"], resumed["rng_states"]["torch"])
+
+
+class InjectNaN(L.Callback):
+    """Turns the third training batch into NaN: the loss and every gradient of step 3 become NaN."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            batch.fill_(float("nan"))
+
+
+def test_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = compose_config("experiment=smoke", "callbacks.checkpoint.every_n_train_steps=2", output_dir=tmp_path)
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        train(_with_callback(cfg, "nan", f"{__name__}.InjectNaN"))
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2  # the step-4 checkpoint was refused, the step-2 one is intact
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_step_is_skipped_and_counted_under_the_skip_policy(tmp_path):
+    cfg = compose_config("experiment=smoke", "optim.on_nonfinite=skip", output_dir=tmp_path)
+    metrics = train(_with_callback(cfg, "nan", f"{__name__}.InjectNaN"))
+    assert metrics["train/skipped_steps"] == 1
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+# ---- real processes: SIGKILL, SIGTERM, SIGINT ---------------------------------------------------------------
+
+def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """train.py as a process with its own runs/ under tmp_path; its output (progress bar, errors) goes to tmp_path/stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DDPMLAB_ROOT": str(tmp_path)}
+    with open(tmp_path / "stderr", "w") as err:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"paths.data_dir={DATA}",
+                                 "callbacks.sample_grid.every_n_steps=0", *overrides],
+                                cwd=tmp_path, env=env, stdout=err, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, tmp_path: Path) -> str:
+    process.wait(timeout=300)
+    return (tmp_path / "stderr").read_text()
+
+
+def _training(tmp_path: Path) -> bool:
+    """The progress bar shows steps: the process is past start-up, in the training loop."""
+    return "it/s" in (tmp_path / "stderr").read_text()
+
+
+def _wait_for(predicate, timeout: float = 120.0, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def _checkpoints(tmp_path: Path) -> Path:
+    """The run's checkpoint folder (a resumed process's own Hydra folder holds only its log)."""
+    found = list((tmp_path / "runs" / "smoke").glob("*/checkpoints"))
+    return found[0] if found else tmp_path / "runs" / "smoke" / "none"
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_never_leaves_a_checkpoint_that_fails_to_load(tmp_path):
+    """Killed 4 times (once exactly while a checkpoint is being written); last.ckpt always loads and resumes."""
+    rng = random.Random(0)
+    steps = ["trainer.max_steps=100000", "callbacks.checkpoint.every_n_train_steps=1"]
+    process = _start(tmp_path, *steps)
+    _wait_for(lambda: (tmp_path / "runs" / "smoke").is_dir() and (_checkpoints(tmp_path) / "last.ckpt").is_file())
+    _wait_for(lambda: _training(tmp_path))
+    folder = _checkpoints(tmp_path)
+    mid_write = False
+    for kill in range(4):
+        if kill:
+            process = _start(tmp_path, *steps, "ckpt_path=last")
+            _wait_for(lambda: _training(tmp_path))
+        before = load_checkpoint(folder / "last.ckpt")["global_step"]
+        if kill == 0:  # wait for a temporary checkpoint file to appear, then kill while it is being written
+            _wait_for(lambda: any(folder.glob(".last.ckpt.*.tmp")), poll=0.0005)
+        else:
+            time.sleep(rng.uniform(0.5, 3.0))
+        process.kill()
+        process.wait()
+        mid_write |= any(folder.glob(".last.ckpt.*.tmp"))
+        after = load_checkpoint(folder / "last.ckpt")  # never torn
+        assert after["global_step"] >= before and after["state_dict"]
+    assert mid_write, "no kill landed during a checkpoint write"
+    step = load_checkpoint(folder / "last.ckpt")["global_step"]
+    process = _start(tmp_path, f"trainer.max_steps={step + 3}", "ckpt_path=last")
+    err = _finish(process, tmp_path)
+    assert process.returncode == 0, err[-2000:]
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == step + 3
+    assert not list(folder.glob(".last.ckpt.*.tmp"))  # stale temporary files are cleaned up by the next write
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_saves_the_current_step_and_ckpt_path_last_continues_the_run(tmp_path, signum):
+    process = _start(tmp_path, "trainer.max_steps=100000", "callbacks.checkpoint.every_n_train_steps=1000")
+    _wait_for(lambda: _training(tmp_path))
+    time.sleep(1)
+    process.send_signal(signum)
+    err = _finish(process, tmp_path)
+    assert process.returncode == 128 + signum, err[-2000:]
+    message = next(line for line in err.splitlines() if line.startswith("preempted: "))
+    assert message.startswith(f"preempted: {signal.Signals(signum).name} at step ") and "ckpt_path=last" in message
+    step = int(message.split(" at step ")[1].split(":")[0])
+    folder = _checkpoints(tmp_path)
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == step > 0
+    process = _start(tmp_path, f"trainer.max_steps={step + 2}", "ckpt_path=last")
+    err = _finish(process, tmp_path)
+    assert process.returncode == 0, err[-2000:]
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == step + 2  # the same run folder, continued
+    assert (folder.parent / "config_resolved_1.yaml").is_file()  # the first part's config is kept
+
+
+
+class FailOnRank(L.Callback):
+    """Raises on rank $FAIL_ON_RANK at the third step, as a bug or a bad node would."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == int(os.environ.get("FAIL_ON_RANK", "1")) and trainer.global_step == 2:
+            raise RuntimeError(f"injected fault on rank {trainer.global_rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_rank_that_raises_ends_the_whole_ddp_job_within_a_minute(tmp_path, rank):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
+           "FAIL_ON_RANK": str(rank)}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.max_steps=100000",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"paths.log_dir={tmp_path}",
+         f"+callbacks.fault._target_={__name__}.FailOnRank"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0 and f"injected fault on rank {rank}" in result.stderr, result.stderr[-2000:]
+    assert elapsed < 90, f"the job took {elapsed:.0f} s to end"
