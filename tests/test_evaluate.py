@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from ddpmlab.evaluation import evaluate
+from ddpmlab.models import UNet
 from ddpmlab.training import train
 from tests.conftest import ROOT, compose_config, wandb_record
 from tests.test_data import write_mnist_like
@@ -184,3 +186,25 @@ def test_numbers_reach_the_wandb_summary_offline(trained, tmp_path, monkeypatch)
     evaluate(cfg)
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     assert b"eval/nll_estimate (bits/dim)" in wandb_record(run, b"eval/nll_estimate (bits/dim)")
+
+
+class FailOnRankOneUNet(UNet):
+    """The U-Net, except that its forward raises on DDP rank 1, as a bug or a bad device would."""
+
+    def forward(self, x, t):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise RuntimeError("injected fault on rank 1")
+        return super().forward(x, t)
+
+
+def test_a_rank_that_raises_ends_the_ddp_evaluation_within_a_minute(trained, tmp_path):
+    checkpoint = torch.load(trained["ckpt"], weights_only=True)
+    checkpoint["config"]["model"]["_target_"] = f"{__name__}.FailOnRankOneUNet"
+    torch.save(checkpoint, tmp_path / "faulty.ckpt")
+    cfg = compose_eval(f"ckpt={tmp_path / 'faulty.ckpt'}", f"data_root={trained['data']}", "metrics=[fid]",
+                       "feature_extractor=classifier", "num_samples=4", "sampler=ddim", "sampling_steps=2",
+                       "trainer.accelerator=cpu", "trainer.devices=2", output_dir=tmp_path / "out")
+    start = time.monotonic()
+    with pytest.raises(Exception, match="injected fault on rank 1"):
+        evaluate(cfg)
+    assert time.monotonic() - start < 60
