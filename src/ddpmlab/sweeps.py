@@ -1,0 +1,104 @@
+"""What a multirun leaves behind: a table of its runs and their loss curves, written when the sweep ends.
+
+Registered as a Hydra callback (conf/hydra/default.yaml), so every `python train.py -m ...` writes, in its
+sweep folder, `summary.csv`, `summary.md` (also printed) and `loss_curves.png`: one row and one curve per run,
+labelled by the overrides that differ between runs.
+"""
+
+import csv
+import math
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+# The last logged values of these training metrics (mean of the last few log points, to damp the noise).
+COLUMNS = ("train/loss", "train/mse", "train/vlb_bpd")
+TAIL = 5
+
+
+def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning's CSVLogger file as {metric: [(steps done, value), ...]} (its `step` column counts from 0)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if not metrics_csv.is_file():
+        return curves
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    curves.setdefault(key, []).append((int(row["step"]) + 1, float(value)))
+    return curves
+
+
+def summarise(sweep_dir: Path) -> list[dict]:
+    """One row per run folder of the sweep: its varying overrides, steps, final metrics and status."""
+    runs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
+                  key=lambda p: int(p.name) if p.name.isdigit() else p.name)
+    overrides = {run: list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) for run in runs}
+    varying = [o.split("=")[0] for o in dict.fromkeys(o for os in overrides.values() for o in os)]
+    varying = [k for k in dict.fromkeys(varying)
+               if len({next((o for o in os if o.split("=")[0] == k), "") for os in overrides.values()}) > 1]
+    rows = []
+    for run in runs:
+        curves = read_curves(run / "csv" / "metrics.csv")
+        row = {"run": run.name}
+        row.update({k: next((o.split("=", 1)[1] for o in overrides[run] if o.split("=")[0] == k), "") for k in varying})
+        row["steps"] = max((s for c in curves.values() for s, _ in c), default=0)
+        for key in COLUMNS:
+            tail = [v for _, v in curves.get(key, [])][-TAIL:]
+            row[key] = sum(tail) / len(tail) if tail else math.nan
+        row["checkpoint"] = "yes" if (run / "checkpoints" / "last.ckpt").is_file() else "no"
+        rows.append(row)
+    return rows
+
+
+def write_summary(sweep_dir: Path) -> str:
+    """summary.csv, summary.md and loss_curves.png in the sweep folder; returns the markdown table."""
+    rows = summarise(sweep_dir)
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                      + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
+    _plot_losses(sweep_dir, rows, keys)
+    return table
+
+
+def _plot_losses(sweep_dir: Path, rows: list[dict], keys: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labelled = [k for k in keys if k not in ("run", "steps", "checkpoint", *COLUMNS)]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in rows:
+        points = read_curves(sweep_dir / row["run"] / "csv" / "metrics.csv").get("train/loss", [])
+        if points:
+            label = ", ".join(f"{k}={row[k]}" for k in labelled) or f"run {row['run']}"
+            ax.plot(*zip(*points), label=label, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train/loss")
+    ax.legend(fontsize=8)
+    ax.set_title(f"sweep {sweep_dir.name}: {len(rows)} runs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, the summary of its runs (see the module docstring)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            table = write_summary(sweep_dir)
+            if table:
+                print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{table}")
