@@ -37,6 +37,7 @@ def test_smoke_run_without_wandb_never_imports_it(tmp_path):
                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lightning" in result.stderr and "| wandb" not in result.stderr
+    assert "├── data" in result.stdout and "dataset: fashion_mnist" in result.stdout  # the config tree
     run = next((tmp_path / "smoke").iterdir())
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / ".hydra" / "config.yaml").is_file()
 

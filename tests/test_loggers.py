@@ -15,12 +15,19 @@ def test_wandb_without_credentials_logs_offline_into_the_run_folder(tmp_path, mo
     assert len(runs) == 1, "expected one offline run under the run folder"
     run = runs[0]
     # The run's record, which `wandb sync` uploads: protobuf records, strings stored as-is.
-    keys = (b"train/loss", b"train/grad_norm", b"samples", b"ddpmlab.diffusion.schedules.linear_betas")
+    keys = (b"train/loss", b"train/loss_q3", b"train/grad_norm", b"train/images_per_s", b"train/vlb_bpd",
+            b"lr-Adam", b"samples", b"denoising", b"ddpmlab.diffusion.schedules.linear_betas", b"smoke")
     record = wandb_record(run, *keys)
     for key in keys:
         assert key in record, f"{key!r} did not reach wandb"
     images = list((run / "files" / "media" / "images").glob("samples_*.png"))
     assert len(images) == 2, "the step-3 grid and the final grid are logged as images"
+    strips = list((run / "files" / "media" / "images").glob("denoising_*.png"))
+    assert len(strips) == 2, "and a denoising strip with each"
+    from PIL import Image
+
+    with Image.open(strips[0]) as strip:  # 4 samples x 5 points of the 5-step chain (8 asked, 5 exist)
+        assert strip.size[0] > strip.size[1] > 28
 
 
 def test_two_runs_in_one_process_get_two_wandb_runs(tmp_path, monkeypatch):

@@ -30,6 +30,9 @@ def test_smoke_fit_on_real_fashion_mnist_writes_checkpoint_samples_and_metrics(c
     for column in ("train/loss", "train/loss_q0", "train/loss_q3", "train/grad_norm", "lr-Adam"):
         assert column in header
     assert (cfg_smoke.paths.output_dir and os.path.isfile(f"{run}/config_resolved.yaml"))
+    for plot in ("schedule.png", "loss_curve.png"):  # what a user without wandb looks at
+        with Image.open(f"{run}/{plot}") as image:
+            assert image.size[0] > 500
 
 
 class RecordStart(L.Callback):

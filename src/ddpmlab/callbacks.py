@@ -1,4 +1,4 @@
-"""Callbacks: sample grids from the EMA weights, and last.ckpt at the step where training stops."""
+"""Callbacks: sample grids from the EMA weights, plots of the run, and last.ckpt where training stops."""
 
 import signal
 import threading
@@ -10,6 +10,7 @@ import torchvision
 
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.errors import Preempted
+from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
 
 
 class SampleGrid(L.Callback):
@@ -25,33 +26,51 @@ class SampleGrid(L.Callback):
         num_samples: images per grid (a square number gives a square grid).
         sampler, sampling_steps: which sampler and how many steps.
         seed: the grid's noise seed.
+        strip_rows, strip_columns: the denoising strip `denoising_<name>.png`: the first rows samples, each
+            at columns evenly spaced points of the chain, noise on the left, image on the right.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, sampler: str = "respaced",
-                 sampling_steps: int | None = 100, seed: int = 0):
+                 sampling_steps: int | None = 100, seed: int = 0, strip_rows: int = 4, strip_columns: int = 8):
         self.dirpath = Path(dirpath)
+        self.strip_rows, self.strip_columns = strip_rows, strip_columns
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.sampler, self.sampling_steps, self.seed = get_sampler(sampler), sampling_steps, seed
 
-    def sample(self, pl_module) -> torch.Tensor:
-        """(num_samples, C, H, W) images in [0, 1] from the EMA weights."""
+    def sample(self, pl_module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_samples, C, H, W) images in [0, 1] from the EMA weights, and the denoising strip:
+        the first `strip_rows` samples at `strip_columns` points of the chain, (rows * columns, C, H, W)."""
         data = pl_module.trainer.datamodule
         shape = (self.num_samples, data.channels, data.image_size, data.image_size)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        steps = self.sampling_steps or pl_module.diffusion.num_timesteps
+        keep = {round(j * (steps - 1) / max(1, self.strip_columns - 1)) for j in range(self.strip_columns)}
+        frames = []
+
+        def record(i, x):
+            if i in keep:
+                frames.append(x[: self.strip_rows].clamp(-1, 1).cpu())
+
         x = self.sampler(pl_module.ema_model, pl_module.diffusion, shape, generator, steps=self.sampling_steps,
-                         progress=True)
-        return (x + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
+                         progress=True, on_step=record)
+        strip = torch.stack(frames, 1).flatten(0, 1) if frames else x[:0]  # (rows, columns, ...) -> (rows * columns, ...)
+        return (x + 1.0) / 2.0, (strip + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
 
     def save(self, trainer, pl_module, name: str) -> Path:
-        images = self.sample(pl_module)
+        images, strip = self.sample(pl_module)
         if not trainer.is_global_zero:
             return self.dirpath / name
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / name
         torchvision.utils.save_image(images, path, nrow=max(1, round(self.num_samples**0.5)), padding=2)
+        strip_path = self.dirpath / f"denoising_{name}"
+        if len(strip):
+            torchvision.utils.save_image(strip, strip_path, nrow=len(strip) // min(self.strip_rows, len(images)))
         for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger: the grid as one image, at this step
+            if hasattr(logger, "log_image"):  # WandbLogger: the grid and the strip as images, at this step
                 logger.log_image("samples", [str(path)], step=trainer.global_step)
+                if len(strip):
+                    logger.log_image("denoising", [str(strip_path)], step=trainer.global_step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -109,3 +128,26 @@ class LastCheckpoint(L.Callback):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+class RunPlots(L.Callback):
+    """`schedule.png` (alpha-bar and SNR of the run's betas) when training starts, and `loss_curve.png` from the
+    CSV log when it ends, in the run folder: what a user without wandb looks at first."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            diffusion = pl_module.diffusion
+            plot_schedule(diffusion.betas64, self.dirpath / "schedule.png",
+                          f"beta schedule, T={diffusion.num_timesteps}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.CSVLogger) and trainer.is_global_zero:
+                logger.save()  # flush what is buffered before reading it back
+                curve = read_curves(Path(logger.log_dir) / "metrics.csv").get("train/loss", [])
+                plot_loss_curves({"train/loss": curve}, self.dirpath / "loss_curve.png",
+                                 f"{trainer.global_step} steps")

@@ -15,20 +15,33 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
-def wandb_logger(save_dir: str, project: str, offline: bool | None = None, **kwargs):
+def wandb_logger(save_dir: str, project: str, offline: bool | None = None, group: str | None = None, **kwargs):
     """Lightning's WandbLogger that never prompts: with no credentials (and no WANDB_MODE) it runs offline.
 
     Offline runs are written under `save_dir/wandb/offline-run-*`; `wandb sync` uploads them later.
+    `group=None` groups the runs of one multirun by their sweep folder's name (a dashboard panel per sweep).
     wandb is imported here, so runs that do not use it never import it.
     """
     from lightning.pytorch.loggers import WandbLogger
 
+    if group is None:
+        group = _sweep_name()
     if offline is None:
         offline = os.environ.get("WANDB_MODE") == "offline" or (
             "WANDB_MODE" not in os.environ and not _has_wandb_credentials()
         )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
+    return WandbLogger(save_dir=save_dir, project=project, offline=offline, group=group, **kwargs)
+
+
+def _sweep_name() -> str | None:
+    """The sweep folder's name inside a Hydra multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
 
 
 def finish_wandb() -> None:

@@ -1,6 +1,7 @@
 """The LightningModule: the diffusion loss, timestep sampling, Adam with warm-up, gradient clipping and EMA weights."""
 
 import copy
+import time
 
 import lightning as L
 import torch
@@ -66,6 +67,7 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         self.register_buffer("skipped_steps", torch.tensor(0), persistent=False)
         self._loss_finite: Tensor | None = None
+        self._step_start: float | None = None
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "DiffusionModule":
@@ -130,11 +132,18 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._ema_pairs = None  # the module may have moved device since the last fit
 
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
     def optimizer_step(self, *args, **kwargs) -> None:
         """Adam's step, then the EMA update: both before any callback's on_train_batch_end, so a checkpoint
-        written there (ModelCheckpoint, LastCheckpoint) holds the EMA of the same step as the weights."""
+        written there (ModelCheckpoint, LastCheckpoint) holds the EMA of the same step as the weights.
+        Also logs the throughput: images of all ranks over the host time of forward, backward, step and EMA."""
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
+        if self._step_start is not None:
+            images = self.trainer.datamodule.batch_size * self.trainer.world_size if self.trainer.datamodule else 0
+            self.log("train/images_per_s", images / max(time.perf_counter() - self._step_start, 1e-9))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.on_nonfinite == "stop" and self.global_step % self.trainer.log_every_n_steps == 0:

@@ -12,22 +12,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddpmlab.plots import plot_loss_curves, read_curves
+
 # The last logged values of these training metrics (mean of the last few log points, to damp the noise).
 COLUMNS = ("train/loss", "train/mse", "train/vlb_bpd")
 TAIL = 5
-
-
-def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Lightning's CSVLogger file as {metric: [(steps done, value), ...]} (its `step` column counts from 0)."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    if not metrics_csv.is_file():
-        return curves
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    curves.setdefault(key, []).append((int(row["step"]) + 1, float(value)))
-    return curves
 
 
 def summarise(sweep_dir: Path) -> list[dict]:
@@ -71,26 +60,10 @@ def write_summary(sweep_dir: Path) -> str:
 
 
 def _plot_losses(sweep_dir: Path, rows: list[dict], keys: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labelled = [k for k in keys if k not in ("run", "steps", "checkpoint", *COLUMNS)]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for row in rows:
-        points = read_curves(sweep_dir / row["run"] / "csv" / "metrics.csv").get("train/loss", [])
-        if points:
-            label = ", ".join(f"{k}={row[k]}" for k in labelled) or f"run {row['run']}"
-            ax.plot(*zip(*points), label=label, lw=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train/loss")
-    ax.legend(fontsize=8)
-    ax.set_title(f"sweep {sweep_dir.name}: {len(rows)} runs", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    curves = {(", ".join(f"{k}={row[k]}" for k in labelled) or f"run {row['run']}"):
+              read_curves(sweep_dir / row["run"] / "csv" / "metrics.csv").get("train/loss", []) for row in rows}
+    plot_loss_curves(curves, sweep_dir / "loss_curves.png", f"sweep {sweep_dir.name}: {len(rows)} runs")
 
 
 class SweepSummary(Callback):

@@ -45,6 +45,22 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     return DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
 
 
+def print_config_tree(cfg: DictConfig) -> None:
+    """The resolved config as a tree, one branch per group, so a run's log starts with what it runs."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        if OmegaConf.is_config(value):
+            text = OmegaConf.to_yaml(value, resolve=True).rstrip()
+            tree.add(str(key)).add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        else:
+            tree.add(f"{key}: {value}")
+    rich_print(tree)
+
+
 def resolve_last(cfg: DictConfig) -> Path:
     """`ckpt_path=last`: the newest checkpoints/last.ckpt among this task's run folders (runs/<task_name>/*)."""
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name
@@ -97,6 +113,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             break
         saved = output_dir / f"config_resolved_{n}.yaml"
     OmegaConf.save(cfg, saved, resolve=True)
+    print_config_tree(cfg)
     for logger in loggers:
         logger.log_hyperparams(module.config)
     try:

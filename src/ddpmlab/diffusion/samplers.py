@@ -2,6 +2,7 @@
 
 `get_sampler(name, **options)` maps the names used by configs (`sampler=...`) to the functions.
 `generator` is one torch.Generator, or one per example (see noise.py) for batch-independent results.
+`on_step(i, x)`, if given, sees the state after each step i = K-1 .. 0 (a denoising strip, a notebook's plot).
 """
 
 import functools
@@ -26,7 +27,7 @@ def _timesteps(diffusion: GaussianDiffusion, shape, progress: bool):
 
 @torch.no_grad()
 def ancestral(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator: Generator = None,
-              steps: int | None = None, progress: bool = False) -> Tensor:
+              steps: int | None = None, progress: bool = False, on_step=None) -> Tensor:
     """Ancestral sampling over every step of `diffusion`, x_T ~ N(0, I) down to x_0 (Ho et al. Algorithm 2).
 
     `steps` is accepted for a uniform interface and must be None or T.
@@ -35,19 +36,21 @@ def ancestral(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gener
     x = randn(shape, generator, diffusion.betas.device)
     for t in _timesteps(diffusion, shape, progress):
         x = diffusion.p_sample(model, x, t, generator)
+        if on_step is not None:
+            on_step(int(t[0]), x)
     return x.clamp(-1.0, 1.0)
 
 
 def respaced(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator: Generator = None,
-             steps: int | None = None, progress: bool = False) -> Tensor:
+             steps: int | None = None, progress: bool = False, on_step=None) -> Tensor:
     """Ancestral sampling over `steps` evenly spaced steps of the T (Nichol & Dhariwal 2021, section 4)."""
     steps = diffusion.num_timesteps if steps is None else steps
-    return ancestral(model, diffusion.respace(steps), shape, generator, progress=progress)
+    return ancestral(model, diffusion.respace(steps), shape, generator, progress=progress, on_step=on_step)
 
 
 @torch.no_grad()
 def ddim(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator: Generator = None,
-         steps: int | None = None, progress: bool = False, eta: float = 0.0) -> Tensor:
+         steps: int | None = None, progress: bool = False, eta: float = 0.0, on_step=None) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12) over `steps` evenly spaced steps, stochasticity eta.
 
     x_{t-1} = sqrt(a_{t-1}) x0 + sqrt(1 - a_{t-1} - sigma_t^2) eps + sigma_t z, with
@@ -65,12 +68,14 @@ def ddim(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator:
         x = a_prev.sqrt() * x_0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0:
             x = x + sigma * randn(shape, generator, x.device)
+        if on_step is not None:
+            on_step(int(t[0]), x)
     return x.clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
 def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator: Generator = None,
-               steps: int | None = None, progress: bool = False) -> Tensor:
+               steps: int | None = None, progress: bool = False, on_step=None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): the probability-flow ODE solved in
     lambda = log(alpha / sigma) with the data prediction x_theta and a second-order multistep correction.
 
@@ -91,12 +96,16 @@ def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gene
         i = int(t[0])
         x_0, _ = spaced.denoise(model, x, t)
         if i == 0:
+            if on_step is not None:
+                on_step(0, x_0)
             return x_0.clamp(-1.0, 1.0)
         h = (lam[i - 1] - lam[i]).item()
         half_inv_r = 0.0 if prev_h is None else h / (2 * prev_h)  # 1 / (2 r_i)
         d = x_0 if prev_x0 is None else (1 + half_inv_r) * x_0 - half_inv_r * prev_x0
         x = (sigma[i - 1] / sigma[i]).item() * x - (alpha[i - 1] * math.expm1(-h)).item() * d
         prev_x0, prev_h = x_0, h
+        if on_step is not None:
+            on_step(i, x)
     return x.clamp(-1.0, 1.0)
 
 

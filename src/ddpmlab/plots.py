@@ -1,0 +1,64 @@
+"""Plots a person would rather look at than read, saved as PNG next to the results (no wandb needed)."""
+
+import csv
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning's CSVLogger file as {metric: [(steps done, value), ...]} (its `step` column counts from 0)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if not Path(metrics_csv).is_file():
+        return curves
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    curves.setdefault(key, []).append((int(row["step"]) + 1, float(value)))
+    return curves
+
+
+def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """One train/loss curve per label, log scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), label=label, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train/loss")
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_schedule(betas: torch.Tensor, path: Path, title: str) -> None:
+    """alpha-bar and the SNR (log scale) of one beta schedule against t."""
+    plt = _pyplot()
+    alpha_bar = torch.cumprod(1 - betas.double(), 0)
+    t = range(1, len(betas) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(t, alpha_bar)
+    left.set_xlabel("t")
+    left.set_ylabel("alpha-bar")
+    right.semilogy(t, alpha_bar / (1 - alpha_bar))
+    right.set_xlabel("t")
+    right.set_ylabel("SNR")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
