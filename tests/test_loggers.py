@@ -38,3 +38,17 @@ def test_two_runs_in_one_process_get_two_wandb_runs(tmp_path, monkeypatch):
         train(compose_config("experiment=smoke", "logger=wandb", "trainer.max_steps=2", output_dir=tmp_path / name))
     ids = [next((tmp_path / n / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1] for n in ("a", "b")]
     assert ids[0] != ids[1]
+
+
+
+def test_model_artifacts_offline_are_refused_with_the_fix(tmp_path, monkeypatch):
+    """Checkpoints as wandb artifacts need an online run (Lightning refuses log_model offline): one clear line."""
+    import pytest
+
+    from ddpmlab.errors import ConfigError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_config("experiment=smoke", "logger=wandb", "logger.wandb.log_model=true", output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="log in with `wandb login`"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # refused before training

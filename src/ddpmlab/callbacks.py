@@ -11,6 +11,7 @@ import torchvision
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.errors import Preempted
 from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
+from ddpmlab.progress import in_terminal
 
 
 class SampleGrid(L.Callback):
@@ -151,3 +152,10 @@ class RunPlots(L.Callback):
                 curve = read_curves(Path(logger.log_dir) / "metrics.csv").get("train/loss", [])
                 plot_loss_curves({"train/loss": curve}, self.dirpath / "loss_curve.png",
                                  f"{trainer.global_step} steps")
+
+
+def progress_bar() -> L.Callback:
+    """Lightning's training bar: Rich in a terminal, tqdm in logs and pipes (see ddpmlab.progress)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    return RichProgressBar() if in_terminal() else TQDMProgressBar()

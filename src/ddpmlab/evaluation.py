@@ -13,7 +13,7 @@ import torch
 import torchvision
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+from ddpmlab.progress import track
 
 from ddpmlab.checkpoints import check_matches, load_checkpoint
 from ddpmlab.data import to_model_range, to_uint8
@@ -64,7 +64,8 @@ def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(
     """
     indices = _my_indices(fabric, total)
     parts = [fn(indices[start:start + batch_size])
-             for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=fabric.global_rank)]
+             for start in track(range(0, len(indices), batch_size), total=-(-len(indices) // batch_size), desc=desc,
+                                disable=bool(fabric.global_rank))]
     local = torch.cat(parts) if parts else torch.zeros((0, *row_shape), dtype=dtype, device=fabric.device)
     return _gather(fabric, local, total)
 

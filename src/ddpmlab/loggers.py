@@ -30,6 +30,11 @@ def wandb_logger(save_dir: str, project: str, offline: bool | None = None, group
         offline = os.environ.get("WANDB_MODE") == "offline" or (
             "WANDB_MODE" not in os.environ and not _has_wandb_credentials()
         )
+    if offline and kwargs.get("log_model"):
+        from ddpmlab.errors import ConfigError
+
+        raise ConfigError("logger.wandb.log_model uploads checkpoints as artifacts, which an offline run cannot: "
+                          "log in with `wandb login` (or set WANDB_API_KEY), or set logger.wandb.log_model=false")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, offline=offline, group=group, **kwargs)
 

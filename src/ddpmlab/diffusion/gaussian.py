@@ -10,7 +10,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ddpmlab.progress import track
 
 from ddpmlab.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from ddpmlab.diffusion.noise import Generator, randint, randn
@@ -294,8 +294,8 @@ class GaussianDiffusion(nn.Module):
         Returns total (B,), prior = L_T (B,), and terms (B, T) with terms[:, 0] = L_0 and terms[:, i] = L_i.
         """
         terms = torch.zeros(x_0.shape[0], self.num_timesteps, device=x_0.device)
-        for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps, disable=not progress,
-                      desc="bound", leave=False):
+        for i in track(reversed(range(self.num_timesteps)), total=self.num_timesteps, disable=not progress,
+                       desc="bound", leave=False):
             t = torch.full((x_0.shape[0],), i, device=x_0.device, dtype=torch.long)
             eps = randn(x_0.shape, generator, x_0.device)
             terms[:, i] = self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t, eps), t, clip_denoised)

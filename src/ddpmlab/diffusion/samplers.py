@@ -10,7 +10,7 @@ import math
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from ddpmlab.progress import track
 
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, _gather
 from ddpmlab.diffusion.noise import Generator, randn
@@ -20,8 +20,8 @@ from ddpmlab.errors import ConfigError
 def _timesteps(diffusion: GaussianDiffusion, shape, progress: bool):
     """(i, t) from the last step down to 0, with t a (B,) tensor, under a progress bar."""
     device = diffusion.betas.device
-    for i in tqdm(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, disable=not progress,
-                  desc="sampling", leave=False):
+    for i in track(reversed(range(diffusion.num_timesteps)), total=diffusion.num_timesteps, disable=not progress,
+                   desc="sampling", leave=False):
         yield torch.full((shape[0],), i, device=device, dtype=torch.long)
 
 
