@@ -6,6 +6,7 @@ checks its own case: the exit code, the last stderr line, no traceback, and that
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +84,7 @@ def catalogue(tmp_path_factory):
 
     Image.new("L", (28, 28)).save(files["images"] / "ok.png")
     (files["images"] / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    files["corrupt"].write_bytes(os.urandom(4096))
+    files["corrupt"].write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(4096)))
 
     class Exploit:
         def __reduce__(self):
@@ -148,6 +149,18 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert hashlib.sha256((folder / "last.ckpt").read_bytes()).hexdigest() == digest
     assert load_checkpoint(folder / "last.ckpt")["global_step"] == 1
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def test_any_corrupt_bytes_are_refused_as_a_checkpoint(tmp_path):
+    """Random bytes break the unpickler in many ways (IndexError, KeyError, UnicodeDecodeError ...): every one of
+    them must come out as the one-line refusal, never a traceback."""
+    path = tmp_path / "corrupt.ckpt"
+    for seed in range(300):
+        rng = random.Random(seed)
+        head = rng.choice([b"", b"\x80\x02", b"PK\x03\x04", b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."])
+        path.write_bytes(head + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 600))))
+        with pytest.raises(ConfigError, match="cannot be loaded safely|holds no state_dict"):
+            load_checkpoint(path)
 
 
 def test_the_docs_table_lists_every_case():

@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wandb_record
 
 
 def compose_with_hydra(*overrides: str):
@@ -27,13 +27,18 @@ def test_sweep_presets_and_launchers_compose():
     assert compose_with_hydra().hydra.callbacks.sweep_summary._target_ == "ddpmlab.sweeps.SweepSummary"
 
 
+def protobuf_string(field: int, text: str) -> bytes:
+    """A protobuf string field as it is stored: tag (field number, wire type 2), length, bytes."""
+    return bytes([field << 3 | 2, len(text)]) + text.encode()
+
+
 @pytest.mark.slow
 def test_parallel_sweep_over_two_schedules_runs_and_writes_its_summary(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "schedule=linear,cosine",
          "hydra/launcher=local_parallel", "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=0",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+         "logger=[csv,wandb]", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     sweep = tmp_path / "sweep"
@@ -47,3 +52,11 @@ def test_parallel_sweep_over_two_schedules_runs_and_writes_its_summary(tmp_path)
     assert "| 1 | cosine | 4 |" in (sweep / "summary.md").read_text()
     assert (sweep / "loss_curves.png").stat().st_size > 5000
     assert "sweep summary" in result.stdout
+    # wandb: each run's record holds its run fields group = the sweep folder's name and tags = [experiment].
+    from wandb.proto.wandb_internal_pb2 import RunRecord
+
+    fields = RunRecord.DESCRIPTOR.fields_by_name
+    for run in ("0", "1"):
+        record = wandb_record(next((sweep / run / "wandb").glob("offline-run-*")), b"train/loss")
+        assert protobuf_string(fields["run_group"].number, "sweep") in record
+        assert protobuf_string(fields["tags"].number, "smoke") in record
