@@ -87,8 +87,9 @@ def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gene
     Deterministic: `generator` only draws x_T. Works with any prediction and variance: only x_0 is used.
     """
     spaced = diffusion.respace(diffusion.num_timesteps if steps is None else steps)
-    alpha = spaced.sqrt_alphas_cumprod.double()
-    sigma = spaced.sqrt_one_minus_alphas_cumprod.double()
+    # float64 on the host: the step coefficients are Python floats, so reading them never syncs the device
+    alpha_bar = torch.cumprod(1.0 - spaced.betas64, 0)
+    alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
     lam = (alpha / sigma).log()  # (K,) lambda at each kept step
     x = randn(shape, generator, spaced.betas.device)
     prev_x0, prev_h = None, None
