@@ -98,13 +98,13 @@ def test_deterministic_ddim_with_exact_denoiser_matches_its_exact_moments(steps)
         assert v == pytest.approx(s**2, rel=0.03)
 
 
-def test_per_example_generators_make_samples_independent_of_batching():
-    from ddpmlab.diffusion.noise import per_example_generators
+def test_example_noise_makes_samples_independent_of_batching():
+    from ddpmlab.diffusion.noise import example_noise
 
     diffusion = GaussianDiffusion(linear_betas(50, beta_end=0.3))
     model = gaussian_oracle(diffusion, 0.0, 0.5)
-    whole = get_sampler("ancestral")(model, diffusion, (6, 1, 2, 2), per_example_generators(range(6), 7, "cpu"))
-    halves = [get_sampler("ancestral")(model, diffusion, (3, 1, 2, 2), per_example_generators(idx, 7, "cpu"))
+    whole = get_sampler("ancestral")(model, diffusion, (6, 1, 2, 2), example_noise(range(6), 7, "cpu"))
+    halves = [get_sampler("ancestral")(model, diffusion, (3, 1, 2, 2), example_noise(idx, 7, "cpu"))
               for idx in (range(3), range(3, 6))]
     assert torch.allclose(whole, torch.cat(halves), atol=1e-6)
 

@@ -79,3 +79,17 @@ def test_bad_unet_sizes_are_refused_with_the_fix(kwargs, message):
     base = dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=())
     with pytest.raises(ConfigError, match=message):
         UNet(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_as_matrix_products_equals_the_1x1_convolutions(heads):
+    """AttnBlock runs its 1x1 convolutions as GEMMs over the tokens: the same function of the same parameters."""
+    block = AttnBlock(64, 32, heads)
+    nn.init.normal_(block.proj_out.weight, std=0.1)  # zero-initialised: give the output projection weights
+    x = torch.randn(2, 64, 8, 8)
+    b, c, h, w = x.shape
+    qkv = block.qkv(block.norm(x)).reshape(b, 3, heads, c // heads, h * w).transpose(-1, -2)
+    out = F.scaled_dot_product_attention(*qkv.unbind(1)).transpose(-1, -2).reshape(b, c, h, w)
+    expected = x + block.proj_out(out)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+    assert torch.allclose(block(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)

@@ -27,6 +27,7 @@ class DiffusionModule(L.LightningModule):
         ema_decay: EMA decay per optimizer step (Ho et al.: 0.9999).
         ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so short runs get a useful average early.
         adam_betas, weight_decay: the rest of Adam's settings (the paper uses PyTorch's defaults, no decay).
+        fused: use Adam's fused implementation (same update, one kernel over all parameters).
         on_nonfinite: what a NaN/Inf loss or gradient does. `stop`: it is recorded on the device (no host
             sync per step), checked every `log_every_n_steps` and before every checkpoint write, and training
             stops with NonFiniteLoss naming the first bad step; no checkpoint after it is written.
@@ -47,6 +48,7 @@ class DiffusionModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         on_nonfinite: str = "stop",
+        fused: bool = False,
         config: dict | None = None,
     ):
         super().__init__()
@@ -63,7 +65,7 @@ class DiffusionModule(L.LightningModule):
         self.timestep_sampler = timestep_sampler or UniformTimesteps(diffusion.num_timesteps)
         self.lr, self.warmup_steps, self.adam_betas, self.weight_decay = lr, warmup_steps, tuple(adam_betas), weight_decay
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
-        self.config, self.on_nonfinite = config, on_nonfinite
+        self.config, self.on_nonfinite, self.fused = config, on_nonfinite, fused
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         self.register_buffer("skipped_steps", torch.tensor(0), persistent=False)
         self._loss_finite: Tensor | None = None
@@ -163,7 +165,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=self.adam_betas,
-                                     weight_decay=self.weight_decay)
+                                     weight_decay=self.weight_decay, fused=self.fused or None)
         warmup = max(1, self.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -4,6 +4,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -12,6 +13,7 @@ from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoi
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import DiffusionModule
+from ddpmlab.performance import optimize_network, wants_channels_last
 
 # The EMA copy is in eval mode on purpose (no dropout when sampling from it).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -40,9 +42,17 @@ def build_network(cfg: DictConfig):
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """U-Net + diffusion + timestep sampler + optimisation settings -> the LightningModule (the config rides along)."""
     model, diffusion = build_network(cfg)
+    perf = cfg.get("performance") or {}
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    # before the EMA copy: it inherits the memory format
+    optimize_network(model, channels_last=wants_channels_last(perf.get("channels_last", False), on_gpu))
     timestep_sampler = build(cfg.timestep_sampler, num_timesteps=diffusion.num_timesteps)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
+    module = DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
+    # after the EMA copy (a deep copy of a compiled module would call the original); the EMA samples uncompiled
+    optimize_network(module.model, compile=perf.get("compile", False))
+    return module
 
 
 def print_config_tree(cfg: DictConfig) -> None:

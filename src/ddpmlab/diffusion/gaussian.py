@@ -288,14 +288,16 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def calc_bpd_loop(self, model, x_0: Tensor, generator: Generator = None,
-                      clip_denoised: bool = True, progress: bool = False) -> dict[str, Tensor]:
-        """The full bound L = L_T + sum_t L_{t-1} + L_0 for each example, in bits/dim, over every t.
+                      clip_denoised: bool = True, progress: bool = False, timesteps=None) -> dict[str, Tensor]:
+        """The full bound L = L_T + sum_t L_{t-1} + L_0 for each example, in bits/dim, over every t (Ho et al. eq. 5).
 
         Returns total (B,), prior = L_T (B,), and terms (B, T) with terms[:, 0] = L_0 and terms[:, i] = L_i.
+        `timesteps` (default all, from T-1 down) limits the terms computed; the others stay 0 (the benchmark
+        times part of the loop).
         """
         terms = torch.zeros(x_0.shape[0], self.num_timesteps, device=x_0.device)
-        for i in track(reversed(range(self.num_timesteps)), total=self.num_timesteps, disable=not progress,
-                       desc="bound", leave=False):
+        order = list(reversed(range(self.num_timesteps))) if timesteps is None else list(timesteps)
+        for i in track(order, total=len(order), disable=not progress, desc="bound", leave=False):
             t = torch.full((x_0.shape[0],), i, device=x_0.device, dtype=torch.long)
             eps = randn(x_0.shape, generator, x_0.device)
             terms[:, i] = self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t, eps), t, clip_denoised)

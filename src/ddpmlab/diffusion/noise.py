@@ -1,29 +1,94 @@
-"""Gaussian noise from one generator, or from one generator per example.
+"""Gaussian noise from one torch generator, or per example from a counter-based generator.
 
-Per-example generators (seeded by each example's index) make sampling and the NLL independent of how
-examples are batched or split across DDP ranks: example i sees the same noise on any number of processes.
+`ExampleNoise` makes sampling and the NLL independent of how examples are batched or split across DDP
+ranks: the d-th draw of example i is a function of (seed, i, d) alone. It is counter-based (Salmon et al.
+2011, "Parallel random numbers: as easy as 1, 2, 3"): every value is a hash of its coordinates (SplitMix64's
+finaliser, Steele et al. 2014), so a whole batch is drawn with a few tensor ops on its device, with no loop
+over examples and no host synchronisation. Normals come from two 32-bit uniforms by Box-Muller.
 """
+
+import math
 
 import torch
 from torch import Tensor
 
-Generator = torch.Generator | list[torch.Generator] | None
+
+def _int64(value: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores (tensor arithmetic wraps modulo 2^64)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def per_example_generators(indices, seed: int, device) -> list[torch.Generator]:
-    """One generator per example, seeded from (seed, example index)."""
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: SplitMix64's counter increment
+_MIX1, _MIX2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shift_right(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser: a bijection of 64-bit integers whose every output bit depends on every input bit."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+class ExampleNoise:
+    """Per-example random streams for the examples `indices` of a run seeded with `seed`.
+
+    Each call to `bits(n)` is that call's draw d = 0, 1, 2, ... and returns (B, n) random 64-bit integers,
+    row i a function of (seed, indices[i], d, element) only.
+    """
+
+    def __init__(self, indices, seed: int, device=None):
+        index = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices, dtype=torch.long,
+                                device=device)
+        seed_key = _mix(torch.tensor(seed, dtype=torch.long, device=index.device) + _GOLDEN)
+        self.keys = _mix(seed_key + index * _GOLDEN)  # (B,)
+        self.device = index.device
+        self.draws = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def bits(self, n: int) -> Tensor:
+        """(B, n) random int64 for this draw; the next call gets the next draw."""
+        self.draws += 1
+        stream = _mix(self.keys + _int64(self.draws * _MIX1 % (1 << 64)))  # (B,) a fresh stream per (example, draw)
+        element = torch.arange(n, device=self.device, dtype=torch.long)
+        return _mix(stream[:, None] + element[None] * _GOLDEN)
+
+    def randn(self, shape: tuple[int, ...]) -> Tensor:
+        """Standard normals of `shape` (shape[0] = number of examples), float32, by Box-Muller."""
+        z = self.bits(math.prod(shape[1:]))
+        u1 = (_shift_right(z, 32).double() + 0.5) * 2.0**-32  # in (0, 1): the log is finite
+        u2 = (z & 0xFFFFFFFF).double() * 2.0**-32
+        return ((-2.0 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)).float().reshape(shape)
+
+    def randint(self, high: int, count: int) -> Tensor:
+        """(count, B) integers uniform in [0, high), from 53 random bits each."""
+        u = _shift_right(self.bits(count), 11).double() * 2.0**-53
+        return (u * high).long().clamp(max=high - 1).T
+
+
+Generator = torch.Generator | ExampleNoise | None
+
+
+def example_noise(indices, seed: int, device=None) -> ExampleNoise:
+    """The per-example streams of examples `indices` (their positions in the whole evaluation) under `seed`."""
+    return ExampleNoise(indices, seed, device)
 
 
 def randn(shape: tuple[int, ...], generator: Generator = None, device=None) -> Tensor:
-    """torch.randn(shape); with a list of generators, row i is drawn from generator i."""
-    if isinstance(generator, list):
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    """torch.randn(shape); with ExampleNoise, row i comes from example i's stream."""
+    if isinstance(generator, ExampleNoise):
+        return generator.randn(shape)
     return torch.randn(shape, generator=generator, device=device)
 
 
 def randint(high: int, shape: tuple[int, ...], generator: Generator = None, device=None) -> Tensor:
-    """torch.randint(0, high, shape) with the examples along the last dimension; per-example generators as in randn."""
-    if isinstance(generator, list):
-        return torch.stack([torch.randint(0, high, shape[:-1], generator=g, device=device) for g in generator], -1)
+    """torch.randint(0, high, shape) with the examples along the last dimension; ExampleNoise as in randn."""
+    if isinstance(generator, ExampleNoise):
+        return generator.randint(high, math.prod(shape[:-1]) if len(shape) > 1 else 1).reshape(shape)
     return torch.randint(0, high, shape, generator=generator, device=device)

@@ -1,0 +1,3 @@
+from ddpmlab.bench.run import cli
+
+cli()

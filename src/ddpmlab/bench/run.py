@@ -1,0 +1,338 @@
+"""The benchmark: ddpmlab against diffusers at the same network, batch and precision, in one process.
+
+    python -m ddpmlab.bench                                   # both presets on this machine's device, fp32
+    python -m ddpmlab.bench --preset cifar10 --precision bf16 --out benchmarks/results/h200-bf16.json
+    python -m ddpmlab.bench --preset cifar10 -- performance.channels_last=false   # ddpmlab config overrides
+
+Each measurement alternates the two in rounds (ddpmlab then diffusers in even rounds, diffusers first in odd
+ones), so drift of a shared machine falls on both; the table gives medians over rounds and their ratio.
+ddpmlab trains through its real path (Lightning Trainer.fit of the DiffusionModule built from the preset's
+config: loss, clipping, fused Adam, EMA, logging); the peer's step runs inside that fit, between ddpmlab's
+blocks of steps, on the same batches (see peer.py).
+"""
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, open_dict
+
+from ddpmlab.bench.measure import bf16_peak, count_flops, describe, synchronize, timed
+from ddpmlab.bench.peer import Peer, import_diffusers
+from ddpmlab.data import to_uint8
+from ddpmlab.diffusion.noise import example_noise
+from ddpmlab.diffusion.samplers import get_sampler
+from ddpmlab.errors import ConfigError
+from ddpmlab.performance import optimize_network
+from ddpmlab.progress import track
+from ddpmlab.training import build, build_module
+
+ROOT = Path(__file__).resolve().parents[3]
+SIDES = ("ddpmlab", "diffusers")
+PRESETS = {"cifar10": ["experiment=ddpm_cifar10"], "fashion_mnist": []}  # the default run is Fashion-MNIST's
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit code 2, like every other bad input (argparse adds its usage block)."""
+        self.exit(2, f"error: {message} (see python -m ddpmlab.bench --help)\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _Parser(prog="python -m ddpmlab.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=[*PRESETS, "all"], default="all")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--batch", type=int, help="images per step (default 16 on a CPU, 128 on a GPU)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per measurement (default 5 CPU, 10 GPU)")
+    parser.add_argument("--block", type=int, help="training steps per timed block (default 1 CPU, 10 GPU)")
+    parser.add_argument("--warmup", type=int, help="untimed training steps first (default 2 CPU, 10 GPU)")
+    parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps per round of the throughput")
+    parser.add_argument("--full-steps", type=int, help="steps of the full sampler run (default T; 100 on a CPU)")
+    parser.add_argument("--nll-terms", type=int, default=10, help="terms of the T-term bound timed per round")
+    parser.add_argument("--peer-channels-last", action="store_true", help="give diffusers the NHWC format too")
+    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<device>-<precision>.json)")
+    parser.add_argument("overrides", nargs="*", help="ddpmlab config overrides for both presets, after --")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    args.device = device
+    gpu = device.type == "cuda"
+    for name, cpu_value, gpu_value in [("batch", 16, 128), ("rounds", 5, 10), ("block", 1, 10), ("warmup", 2, 10)]:
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_value if gpu else cpu_value)
+    for name in ("batch", "rounds", "block", "sample_steps", "nll_terms"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.out is None:
+        kind = "cpu" if not gpu else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+        args.out = ROOT / "benchmarks" / "results" / f"{kind}-{'fp32' if args.precision == '32' else 'bf16'}.json"
+    return args
+
+
+def preset_config(preset: str, args: argparse.Namespace) -> DictConfig:
+    """The preset's training config, as train.py would compose it, at the benchmark's batch and precision."""
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=PRESETS[preset] + list(args.overrides))
+    except HydraException as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"the overrides {list(args.overrides)} do not compose ({first}): fix them") from None
+    with open_dict(cfg):
+        cfg.paths.output_dir = tempfile.gettempdir()  # nothing is written there: no logger, no checkpoint
+        cfg.logger = None
+        cfg.data.batch_size = args.batch
+        cfg.trainer.precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    return cfg
+
+
+class Alternate(L.Callback):
+    """Times ddpmlab's training in blocks of steps and runs the peer's steps between them on the same batches."""
+
+    def __init__(self, peer: Peer, args: argparse.Namespace):
+        self.peer, self.args, self.device = peer, args, args.device
+        self.times = {"ddpmlab": [], "diffusers": []}
+        self.batches, self.previous = [], []
+
+    def _peer_block(self, batches) -> None:
+        with timed(self.device, self.times["diffusers"]):
+            for x_0 in batches:
+                self.peer.train_step(x_0)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        k = trainer.global_step - self.args.warmup
+        if k >= 0 and k % self.args.block == 0:
+            if (k // self.args.block) % 2 == 1:  # odd rounds: the peer first
+                self._peer_block(self.previous)
+            synchronize(self.device)
+            self._start = time.perf_counter()
+        self.batches.append(batch)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        k = trainer.global_step - self.args.warmup
+        if k <= 0:  # warm-up: the peer warms up on the same batch, untimed
+            self.peer.train_step(batch)
+            self.batches = []
+            return
+        if k % self.args.block == 0:
+            synchronize(self.device)
+            self.times["ddpmlab"].append(time.perf_counter() - self._start)
+            if (k // self.args.block) % 2 == 1:  # even rounds (k counts the finished block): the peer second
+                self._peer_block(self.batches)
+            self.previous, self.batches = self.batches, []
+            print(f"  train round {len(self.times['ddpmlab'])}/{self.args.rounds}: "
+                  f"ddpmlab {self.times['ddpmlab'][-1]:.2f} s, diffusers {self.times['diffusers'][-1]:.2f} s "
+                  f"per {self.args.block} step(s)", flush=True)
+
+
+def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks=()) -> None:
+    """ddpmlab's Trainer.fit for `steps` steps on in-memory random uint8 images (no logger, no checkpoint)."""
+    data = build(cfg.data)
+    data.train_images = torch.randint(0, 256, (args.batch * 8, cfg.data.channels, cfg.data.image_size,
+                                               cfg.data.image_size), dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build(cfg.trainer, max_steps=steps, logger=False, callbacks=list(callbacks),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator=args.device.type, devices=1, default_root_dir=tmp)
+        trainer.fit(module, datamodule=data)
+
+
+def sampler(network, diffusion, shape: tuple[int, ...], args: argparse.Namespace):
+    """ddpmlab's sampling as evaluate.py runs it: respaced ancestral steps, per-example noise, uint8 out."""
+    def sample(steps: int) -> torch.Tensor:
+        noise = example_noise(range(args.batch), 0, args.device)
+        return to_uint8(get_sampler("respaced")(network, diffusion, (args.batch, *shape), noise, steps=steps))
+    return sample
+
+
+def peak_memory(preset: str, side: str, phase: str, args: argparse.Namespace) -> float:
+    """Peak memory in MiB of one side's training steps or sampler run, in its own process (memory.py)."""
+    job = {"preset": preset, "side": side, "phase": phase, "batch": args.batch, "precision": args.precision,
+           "device": str(args.device), "overrides": list(args.overrides), "sample_steps": args.sample_steps,
+           "peer_channels_last": args.peer_channels_last}
+    done = subprocess.run([sys.executable, "-m", "ddpmlab.bench.memory", json.dumps(job)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory measurement of {side} {phase} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"] / 2.0**20
+
+
+def alternate_rounds(args, desc: str, ours, peer) -> dict[str, list[float]]:
+    """`ours()` and `peer()` timed in args.rounds rounds, in ABBA order, after one untimed call of each."""
+    times = {"ddpmlab": [], "diffusers": []}
+    ours(), peer()
+    for r in track(range(args.rounds), total=args.rounds, desc=desc):
+        order = [("ddpmlab", ours), ("diffusers", peer)]
+        for name, fn in order if r % 2 == 0 else reversed(order):
+            with timed(args.device, times[name]):
+                fn()
+    return times
+
+
+def row(metric: str, unit: str, ours: float, peer: float, higher_is_better: bool, note: str = "",
+        ratio: float | None = None) -> dict:
+    """One table row; `ratio` (ddpmlab / diffusers) defaults to ours / peer."""
+    return {"metric": metric, "unit": unit, "ddpmlab": ours, "diffusers": peer,
+            "ratio": ours / peer if ratio is None else ratio, "better": "higher" if higher_is_better else "lower",
+            "note": note}
+
+
+def throughput_row(metric: str, unit: str, work: float, times: dict[str, list[float]], note: str) -> dict:
+    """Throughput = work / median time; the ratio is the median over rounds of peer time / ddpmlab time, so a
+    machine that slows down for a while slows both sides of a round and leaves its ratio alone."""
+    med = statistics.median
+    paired = med(p / o for o, p in zip(times["ddpmlab"], times["diffusers"]))
+    return row(metric, unit, work / med(times["ddpmlab"]), work / med(times["diffusers"]), True, note, paired)
+
+
+def bench_preset(preset: str, args: argparse.Namespace) -> dict:
+    """Every row of the table for one preset."""
+    cfg = preset_config(preset, args)
+    device, batch = args.device, args.batch
+    L.seed_everything(0, verbose=False)
+    module = build_module(cfg)
+    diffusion = module.diffusion.to(device)
+    peer = Peer(cfg, diffusion, device, args.precision)
+    if args.peer_channels_last:
+        peer.unet.to(memory_format=torch.channels_last)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("ddpmlab", module.model),
+                                                                            ("diffusers", peer.unet))}
+    print(f"{preset}: {params['ddpmlab'] / 1e6:.2f}M parameters (diffusers {params['diffusers'] / 1e6:.2f}M), "
+          f"batch {batch}, {args.precision}, {describe(device)}", flush=True)
+
+    training = Alternate(peer, args)
+    fit(cfg, module, args, args.warmup + args.rounds * args.block, [training])
+    ema = module.ema_model
+    optimize_network(ema, compile=cfg.performance.compile)  # as evaluate.py prepares its network
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    autocast = peer.autocast  # both sides sample and score under the same autocast
+    T = diffusion.num_timesteps
+
+    sample = sampler(ema, diffusion, shape, args)
+
+    def ours_sample(steps):
+        with autocast():
+            return sample(steps)
+
+    sampling = alternate_rounds(args, f"sampling, {args.sample_steps} steps", lambda: ours_sample(args.sample_steps),
+                                lambda: peer.sample(batch, args.sample_steps))
+    full_steps = args.full_steps or (T if device.type == "cuda" else min(T, 100))
+    full = {"ddpmlab": [], "diffusers": []}
+    with timed(device, full["ddpmlab"]):
+        ours_sample(full_steps)
+    with timed(device, full["diffusers"]):
+        peer.sample(batch, full_steps)
+
+    x_0 = torch.rand(batch, *shape, device=device) * 2 - 1
+    terms = range(T - 1, T - 1 - min(args.nll_terms, T), -1)
+
+    def bound(network):
+        with autocast():
+            return diffusion.calc_bpd_loop(network, x_0, example_noise(range(batch), 0, device), timesteps=terms)
+
+    peer.unet.eval()
+    nll = alternate_rounds(args, f"NLL, {len(terms)} of {T} terms", lambda: bound(ema), lambda: bound(peer.network))
+
+    # FLOPs per image of one training step (forward and backward) and of one sampling step (forward)
+    x = torch.randn(batch, *shape, device=device)
+    t = torch.randint(0, T, (batch,), device=device)
+    with autocast():
+        train_flops = count_flops(lambda: module.model(x, t).float().square().mean().backward()) / batch
+        sample_flops = count_flops(lambda: ema(x, t)) / batch
+    module.model.zero_grad(set_to_none=True)
+
+    rows = [
+        throughput_row("training throughput", "images/s", batch * args.block, training.times,
+                       "full optimizer step: loss, backward, clipping, Adam, EMA"),
+        row("training peak memory", "MiB", *(peak_memory(preset, side, "train", args) for side in SIDES), False,
+            "3 steps in a process of their own: weights, gradients, Adam, EMA, activations (RSS on a CPU)"),
+        throughput_row("sampling throughput", "images x steps/s", batch * args.sample_steps, sampling,
+                       f"{args.sample_steps} ancestral steps per round, one network evaluation each"),
+        row(f"full sampler run ({full_steps} steps)", "s", full["ddpmlab"][0], full["diffusers"][0], False,
+            f"{batch} images, one run each"),
+        row("sampling peak memory", "MiB", *(peak_memory(preset, side, "sample", args) for side in SIDES), False,
+            "one network sampling, in a process of its own"),
+        throughput_row("NLL throughput", "images/s", batch / (T / len(terms)), nll,
+                       f"the full {T}-term bound, timed over {len(terms)} terms; diffusers' network in "
+                       "ddpmlab's bound (diffusers has none)"),
+    ]
+    train = {side: rows[0][side] for side in SIDES}
+    achieved = {side: train[side] * train_flops for side in SIDES}
+    rows.append(row("training compute", "TFLOP/s", achieved["ddpmlab"] / 1e12, achieved["diffusers"] / 1e12, True,
+                    f"{train_flops / 1e9:.2f} GFLOP per image (forward + backward, torch.utils.flop_counter)",
+                    rows[0]["ratio"]))
+    peak = bf16_peak(device)
+    if peak and args.precision == "bf16":
+        rows.append(row("model FLOP utilisation", "%", 100 * achieved["ddpmlab"] / peak,
+                        100 * achieved["diffusers"] / peak, True, f"against the {peak / 1e12:.0f} TFLOP/s bf16 peak",
+                        rows[0]["ratio"]))
+    return {"parameters": params, "train_gflop_per_image": train_flops / 1e9,
+            "sample_gflop_per_image": sample_flops / 1e9, "full_sampler_steps": full_steps,
+            "nll_terms_timed": len(terms), "rows": rows,
+            "raw_seconds": {"training_blocks": training.times, "sampling_rounds": sampling,
+                            "full_sampler": full, "nll_rounds": nll}}
+
+
+def table(results: dict) -> str:
+    """The results as a Markdown table, one row per metric, with the ratio ddpmlab / diffusers, then the notes."""
+    lines = ["| preset | metric | unit | ddpmlab | diffusers | ddpmlab / diffusers | better |",
+             "|---|---|---|---:|---:|---:|---|"]
+    notes = {}
+    for preset, result in results["presets"].items():
+        for r in result["rows"]:
+            lines.append(f"| {preset} | {r['metric']} | {r['unit']} | {r['ddpmlab']:.4g} | {r['diffusers']:.4g} | "
+                         f"{r['ratio']:.2f}x | {r['better']} |")
+            notes.setdefault(r["metric"].split(" (")[0], r["note"])
+    lines.append("")
+    lines += [f"- {metric}: {note}" for metric, note in notes.items() if note]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    diffusers = import_diffusers()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on both
+    presets = list(PRESETS) if args.preset == "all" else [args.preset]
+    results = {
+        "command": "python -m ddpmlab.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": describe(args.device), "threads": torch.get_num_threads(), "precision": args.precision,
+        "batch": args.batch, "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
+        "sample_steps": args.sample_steps, "peer_channels_last": args.peer_channels_last,
+        "overrides": list(args.overrides),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "lightning": L.__version__,
+                     "python": platform.python_version()},
+        "presets": {},
+    }
+    for preset in presets:
+        results["presets"][preset] = bench_preset(preset, args)
+    text = table(results)
+    print(text)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(f"`{results['command']}`\n\n{results['device']}, {results['threads']} "
+                                           f"threads, torch {torch.__version__}, {results['date']}\n\n{text}\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+def cli() -> None:
+    """Entry point: bad input ends in one line and exit code 2."""
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

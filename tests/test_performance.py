@@ -1,0 +1,84 @@
+"""The speed switches (config block `performance`, optim.fused, bf16-mixed) compute the same model, only faster."""
+
+import copy
+
+import pytest
+import torch
+
+from ddpmlab.checkpoints import load_checkpoint
+from ddpmlab.errors import ConfigError
+from ddpmlab.evaluation import load_run
+from ddpmlab.performance import optimize_network, wants_channels_last
+from ddpmlab.training import build_module, train
+from tests.conftest import compose_config
+
+
+def smoke(tmp_path, *overrides):
+    return compose_config("experiment=smoke", "callbacks.sample_grid=null", *overrides, output_dir=tmp_path / "run")
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients(tmp_path):
+    plain = build_module(smoke(tmp_path, "performance.channels_last=false")).model
+    fast = optimize_network(copy.deepcopy(plain), channels_last=True)
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 30, 49])
+    for layer in (plain.conv_out, fast.conv_out):  # zero-initialised: give the output weights, the same in both
+        torch.nn.init.constant_(layer.weight, 0.01)
+    plain.eval(), fast.eval()  # no dropout: its masks are drawn in memory order, so they differ between layouts
+    out_plain = plain(x, t)
+    out_plain.square().mean().backward()
+    out_fast = fast(x, t)
+    out_fast.square().mean().backward()
+    assert torch.allclose(out_plain, out_fast, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_fused_adam_makes_the_same_updates(tmp_path):
+    module = {fused: build_module(smoke(tmp_path, f"optim.fused={fused}")) for fused in (False, True)}
+    module[True].model.load_state_dict(module[False].model.state_dict())
+    optimizers = {fused: m.configure_optimizers()["optimizer"] for fused, m in module.items()}
+    assert optimizers[True].defaults["fused"] and not optimizers[False].defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in module[False].model.parameters()]
+        for fused, m in module.items():
+            for p, grad in zip(m.model.parameters(), grads):
+                p.grad = grad.clone()
+            optimizers[fused].step()
+    for p, q in zip(module[False].model.parameters(), module[True].model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_channels_last_switch_and_its_bad_value(tmp_path):
+    assert build_module(smoke(tmp_path, "performance.channels_last=true")).model.conv_in.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert build_module(smoke(tmp_path, "performance.channels_last=false")).model.conv_in.weight.is_contiguous()
+    assert wants_channels_last("auto", on_gpu=True) and not wants_channels_last("auto", on_gpu=False)
+    with pytest.raises(ConfigError, match="must be true, false or auto"):
+        build_module(smoke(tmp_path, "performance.channels_last=yes"))
+
+
+def test_a_channels_last_run_trains_and_its_checkpoint_loads_anywhere(tmp_path):
+    metrics = train(smoke(tmp_path, "performance.channels_last=true"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    model, _, _ = load_run(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), use_ema=True)  # a plain NCHW model
+    assert model.conv_in.weight.is_contiguous()
+
+
+def test_bf16_mixed_precision_trains_fp32_weights(tmp_path):
+    metrics = train(smoke(tmp_path, "trainer.precision=bf16-mixed"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_the_checkpoint_format(tmp_path):
+    """performance.compile=true compiles the U-Net in place: same parameter names, evaluation loads it."""
+    metrics = train(smoke(tmp_path, "performance.compile=true", "trainer.max_steps=2"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert state.keys() == build_module(smoke(tmp_path)).state_dict().keys()
+    model, _, _ = load_run(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), use_ema=True)
+    assert model(torch.zeros(1, 1, 28, 28), torch.tensor([3])).shape == (1, 1, 28, 28)
