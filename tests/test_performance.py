@@ -1,6 +1,9 @@
 """The speed switches (config block `performance`, optim.fused, bf16-mixed) compute the same model, only faster."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from ddpmlab.errors import ConfigError
 from ddpmlab.evaluation import load_run
 from ddpmlab.performance import optimize_network, wants_channels_last
 from ddpmlab.training import build_module, train
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
 
 def smoke(tmp_path, *overrides):
@@ -82,3 +85,19 @@ def test_compiled_training_keeps_the_checkpoint_format(tmp_path):
     assert state.keys() == build_module(smoke(tmp_path)).state_dict().keys()
     model, _, _ = load_run(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), use_ema=True)
     assert model(torch.zeros(1, 1, 28, 28), torch.tensor([3])).shape == (1, 1, 28, 28)
+
+
+@pytest.mark.slow
+def test_the_ddp_preset_trains_what_plain_ddp_trains(tmp_path):
+    """trainer=ddp (gradient_as_bucket_view, static_graph) on 2 gloo processes gives plain DDP's weights."""
+    runs = {}
+    for name, overrides in {"plain": ["trainer.strategy=ddp", "trainer.devices=2"], "preset": ["trainer=ddp"]}.items():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.accelerator=cpu", "trainer.max_steps=4",
+             "callbacks.sample_grid=null", f"hydra.run.dir={tmp_path / name}", *overrides],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"]
+    for key, value in runs["plain"].items():
+        assert torch.allclose(value, runs["preset"][key], atol=1e-6), key

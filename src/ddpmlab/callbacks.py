@@ -93,13 +93,15 @@ class LastCheckpoint(L.Callback):
     (`python train.py ckpt_path=last`).
 
     The handlers only set a flag, so a signal never interrupts a step or a checkpoint write half-way. Under
-    DDP the flag is OR-reduced across ranks every step, so all ranks save and stop at the same step.
+    DDP the flag is OR-reduced across ranks every `check_every_n_steps` steps (a collective is a host sync,
+    so not every step), and all ranks save and stop at the same step; a single process checks every step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str, check_every_n_steps: int = 10):
         self.dirpath = Path(dirpath)
+        self.check_every_n_steps = max(1, check_every_n_steps)
         self.received: int | None = None
         self._previous: dict = {}
 
@@ -112,7 +114,11 @@ class LastCheckpoint(L.Callback):
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if trainer.world_size == 1:
+            if self.received is None:
+                return
+        elif trainer.global_step % self.check_every_n_steps or not trainer.strategy.reduce_boolean_decision(
+                self.received is not None, all=False):
             return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
@@ -154,8 +160,11 @@ class RunPlots(L.Callback):
                                  f"{trainer.global_step} steps")
 
 
-def progress_bar() -> L.Callback:
-    """Lightning's training bar: Rich in a terminal, tqdm in logs and pipes (see ddpmlab.progress)."""
+def progress_bar(refresh_rate: int = 1) -> L.Callback:
+    """Lightning's training bar: Rich in a terminal, tqdm in logs and pipes (see ddpmlab.progress).
+
+    Each refresh reads the logged loss back to the host (a device sync on a GPU): raise `refresh_rate` there.
+    """
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    return RichProgressBar() if in_terminal() else TQDMProgressBar()
+    return RichProgressBar(refresh_rate=refresh_rate) if in_terminal() else TQDMProgressBar(refresh_rate=refresh_rate)
