@@ -8,31 +8,49 @@ import pytest
 import torch
 
 from ddpmlab.bench.measure import count_flops
-from ddpmlab.bench.peer import unet_config
+from ddpmlab.bench.peer import Peer, unet_config
 from ddpmlab.errors import ConfigError
 from ddpmlab.training import build_network
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config
 
 diffusers = pytest.importorskip("diffusers", reason="the benchmark extra: pip install -e .[bench]")
 
 
+def layers(model: torch.nn.Module) -> dict[str, list]:
+    """What a network is made of, whatever its names: its parameter shapes (a 1x1 convolution counted as the
+    matrix it is, ddpmlab's joint q/k/v projection as the three diffusers has), its GroupNorms (groups,
+    channels, eps) and its dropout rates (the no-op p=0 ones left out), each sorted."""
+    shapes = []
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape[:2]) if p.dim() == 4 and p.shape[2:] == (1, 1) else tuple(p.shape)
+        parts = 3 if name.split(".")[-2] == "qkv" else 1
+        shapes += [(shape[0] // parts, *shape[1:])] * parts
+    norms = [(m.num_groups, m.num_channels, m.eps) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    return {"parameters": sorted(shapes), "group_norms": sorted(norms), "dropouts": sorted(dropouts)}
+
+
 @pytest.mark.parametrize("experiment", ["ddpm_cifar10", "smoke", None])
 def test_the_peer_is_the_same_network(experiment, tmp_path):
-    """Same parameter count, and the same FLOPs per forward: the same layers at the same widths."""
+    """The same parameter tensors, norms and dropouts, and the same FLOPs per forward."""
     cfg = compose_config(*([f"experiment={experiment}"] if experiment else []), output_dir=tmp_path)
     ours, diffusion = build_network(cfg)
     size, channels = cfg.data.image_size, cfg.data.channels
     peer = diffusers.UNet2DModel(**unet_config(cfg.model, size, channels, diffusion.output_channels(channels)))
-    assert sum(p.numel() for p in peer.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert layers(peer) == layers(ours)
     x, t = torch.randn(1, channels, size, size), torch.tensor([7])
     with torch.no_grad():
         assert count_flops(lambda: peer(x, t)) == count_flops(lambda: ours(x, t))
 
 
-def test_a_network_diffusers_cannot_express_is_refused(tmp_path):
+def test_what_the_peer_cannot_match_is_refused(tmp_path):
     cfg = compose_config("experiment=iddpm_cifar10", output_dir=tmp_path)  # scale-shift norm
     with pytest.raises(ConfigError, match="no equal of model.scale_shift_norm=true"):
         unet_config(cfg.model, 32, 3, 6)
+    cfg = compose_config("experiment=iddpm_fashion_mnist", output_dir=tmp_path)  # learned variances, hybrid loss
+    _, diffusion = build_network(cfg)
+    with pytest.raises(ConfigError, match="diffusion.variance, diffusion.loss differ"):
+        Peer(cfg, diffusion, torch.device("cpu"), "32")
 
 
 def bench(tmp_path, *args):

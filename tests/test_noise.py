@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpmlab.diffusion.noise import _MIX1, _MIX2, _mix, example_noise
+from ddpmlab.diffusion.noise import _MIX1, _MIX2, _mix, ExampleNoise
 
 
 def test_mix_is_splitmix64s_finaliser_modulo_2_64():
@@ -23,7 +23,7 @@ def test_mix_is_splitmix64s_finaliser_modulo_2_64():
 
 
 def test_draws_are_standard_normal():
-    x = example_noise(range(256), 5).randn((256, 4096)).double().flatten()
+    x = ExampleNoise(range(256), 5).randn((256, 4096)).double().flatten()
     n = x.numel()
     assert abs(x.mean()) < 4 / math.sqrt(n)
     assert abs(x.var() - 1) < 4 * math.sqrt(2 / n)
@@ -36,9 +36,9 @@ def test_draws_are_standard_normal():
 
 
 def test_examples_draws_and_seeds_are_independent_streams():
-    noise = example_noise(range(512), 1)
+    noise = ExampleNoise(range(512), 1)
     first, second = noise.randn((512, 1024)), noise.randn((512, 1024))
-    other_seed = example_noise(range(512), 2).randn((512, 1024))
+    other_seed = ExampleNoise(range(512), 2).randn((512, 1024))
     cos_half, sin_half = first[:, :512], first[:, 512:]  # the two normals of each Box-Muller pair
     pairs = [(first, second), (first, other_seed), (first[:-1], first[1:]), (first[:, :-1], first[:, 1:]),
              (cos_half, sin_half), (cos_half.square() - 1, sin_half.square() - 1)]
@@ -50,24 +50,24 @@ def test_examples_draws_and_seeds_are_independent_streams():
 
 
 def test_example_i_gets_its_own_noise_whatever_the_batch():
-    whole = example_noise(range(10), 3)
-    part = example_noise([7, 2], 3)
+    whole = ExampleNoise(range(10), 3)
+    part = ExampleNoise([7, 2], 3)
     for _ in range(3):  # successive draws too
         a, b = whole.randn((10, 3, 4, 4)), part.randn((2, 3, 4, 4))
         assert torch.equal(a[[7, 2]], b)
 
 
 def test_randint_is_uniform_and_per_example():
-    t = example_noise(range(4000), 0).randint(10, 25)  # (25, 4000)
+    t = ExampleNoise(range(4000), 0).randint(10, 25)  # (25, 4000)
     assert t.shape == (25, 4000) and t.min() == 0 and t.max() == 9
     counts = torch.bincount(t.flatten(), minlength=10).double()
     expected = t.numel() / 10
     assert ((counts - expected) ** 2 / expected).sum() < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
-    assert torch.equal(example_noise([5], 0).randint(10, 25)[:, 0], t[:, 5])
+    assert torch.equal(ExampleNoise([5], 0).randint(10, 25)[:, 0], t[:, 5])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_same_noise_on_the_gpu():
-    cpu = example_noise(range(8), 4).randn((8, 3, 8, 8))
-    gpu = example_noise(range(8), 4, "cuda").randn((8, 3, 8, 8)).cpu()
+    cpu = ExampleNoise(range(8), 4).randn((8, 3, 8, 8))
+    gpu = ExampleNoise(range(8), 4, "cuda").randn((8, 3, 8, 8)).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-5)

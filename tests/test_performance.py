@@ -11,19 +11,20 @@ import torch
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import ConfigError
 from ddpmlab.evaluation import load_run
-from ddpmlab.performance import optimize_network, wants_channels_last
+from ddpmlab.performance import optimize_network, performance_settings
 from ddpmlab.training import build_module, train
 from tests.conftest import ROOT, compose_config
 
 
 def smoke(tmp_path, *overrides):
-    return compose_config("experiment=smoke", "callbacks.sample_grid=null", *overrides, output_dir=tmp_path / "run")
+    return compose_config("experiment=smoke", "callbacks.sample_grid=null", "trainer.accelerator=cpu", *overrides,
+                          output_dir=tmp_path / "run")
 
 
 def test_channels_last_gives_the_same_outputs_and_gradients(tmp_path):
     plain = build_module(smoke(tmp_path, "performance.channels_last=false")).model
     fast = optimize_network(copy.deepcopy(plain), channels_last=True)
-    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.down[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)  # 32 input channels
     x, t = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 30, 49])
     for layer in (plain.conv_out, fast.conv_out):  # zero-initialised: give the output weights, the same in both
         torch.nn.init.constant_(layer.weight, 0.01)
@@ -53,20 +54,24 @@ def test_fused_adam_makes_the_same_updates(tmp_path):
         assert torch.allclose(p, q, atol=1e-6)
 
 
-def test_channels_last_switch_and_its_bad_value(tmp_path):
-    assert build_module(smoke(tmp_path, "performance.channels_last=true")).model.conv_in.weight.is_contiguous(
-        memory_format=torch.channels_last)
-    assert build_module(smoke(tmp_path, "performance.channels_last=false")).model.conv_in.weight.is_contiguous()
-    assert wants_channels_last("auto", on_gpu=True) and not wants_channels_last("auto", on_gpu=False)
+def test_performance_switches_and_their_bad_values(tmp_path):
+    # a conv with 32 input channels: a 1-channel weight is contiguous in both formats
+    weight = lambda value: build_module(smoke(tmp_path, f"performance.channels_last={value}")).model.down[0].conv1.weight  # noqa: E731
+    assert weight("true").is_contiguous(memory_format=torch.channels_last) and not weight("true").is_contiguous()
+    assert weight("false").is_contiguous() and not weight("false").is_contiguous(memory_format=torch.channels_last)
+    assert weight("auto").is_contiguous()  # auto: NHWC on GPUs only, and this test's trainer is on the CPU
+    assert performance_settings({"channels_last": "auto"}, on_gpu=True) == (True, False)
     with pytest.raises(ConfigError, match="must be true, false or auto"):
         build_module(smoke(tmp_path, "performance.channels_last=yes"))
+    with pytest.raises(ConfigError, match="performance.compile=.* must be true or false"):
+        build_module(smoke(tmp_path, "performance.compile=maybe"))
 
 
 def test_a_channels_last_run_trains_and_its_checkpoint_loads_anywhere(tmp_path):
     metrics = train(smoke(tmp_path, "performance.channels_last=true"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     model, _, _ = load_run(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), use_ema=True)  # a plain NCHW model
-    assert model.conv_in.weight.is_contiguous()
+    assert model.down[0].conv1.weight.is_contiguous()
 
 
 def test_bf16_mixed_precision_trains_fp32_weights(tmp_path):

@@ -99,12 +99,12 @@ def test_deterministic_ddim_with_exact_denoiser_matches_its_exact_moments(steps)
 
 
 def test_example_noise_makes_samples_independent_of_batching():
-    from ddpmlab.diffusion.noise import example_noise
+    from ddpmlab.diffusion.noise import ExampleNoise
 
     diffusion = GaussianDiffusion(linear_betas(50, beta_end=0.3))
     model = gaussian_oracle(diffusion, 0.0, 0.5)
-    whole = get_sampler("ancestral")(model, diffusion, (6, 1, 2, 2), example_noise(range(6), 7, "cpu"))
-    halves = [get_sampler("ancestral")(model, diffusion, (3, 1, 2, 2), example_noise(idx, 7, "cpu"))
+    whole = get_sampler("ancestral")(model, diffusion, (6, 1, 2, 2), ExampleNoise(range(6), 7, "cpu"))
+    halves = [get_sampler("ancestral")(model, diffusion, (3, 1, 2, 2), ExampleNoise(idx, 7, "cpu"))
               for idx in (range(3), range(3, 6))]
     assert torch.allclose(whole, torch.cat(halves), atol=1e-6)
 
@@ -185,3 +185,12 @@ def test_sampler_steps_out_of_range_are_refused():
             get_sampler(sampler)(model, diffusion, (2, 1, 1, 1), torch.Generator(), steps=steps)
     with pytest.raises(ConfigError, match="unknown"):
         get_sampler("heun")
+
+
+@pytest.mark.parametrize("sampler", ["respaced", "ddim", "dpm_solver"])
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_one_step_samplers_run(sampler, variance):
+    """A chain respaced to a single step has no beta-tilde_2 to stand in for beta-tilde_1 (it crashed)."""
+    diffusion = GaussianDiffusion(linear_betas(50, beta_end=0.3), variance=variance)
+    x = get_sampler(sampler)(gaussian_oracle(diffusion, 0.0, 0.5), diffusion, (4, 1, 2, 2), steps=1)
+    assert x.shape == (4, 1, 2, 2) and torch.isfinite(x).all()

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from ddpmlab.diffusion import get_sampler
-from ddpmlab.errors import Preempted
+from ddpmlab.errors import ConfigError, Preempted
 from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
 from ddpmlab.progress import in_terminal
 
@@ -100,8 +100,11 @@ class LastCheckpoint(L.Callback):
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, dirpath: str, check_every_n_steps: int = 10):
+        if not (isinstance(check_every_n_steps, int) and check_every_n_steps >= 1):
+            raise ConfigError(f"callbacks.last_checkpoint.check_every_n_steps must be a whole number >= 1, "
+                              f"got {check_every_n_steps!r}")
         self.dirpath = Path(dirpath)
-        self.check_every_n_steps = max(1, check_every_n_steps)
+        self.check_every_n_steps = check_every_n_steps
         self.received: int | None = None
         self._previous: dict = {}
 

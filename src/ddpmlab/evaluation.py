@@ -19,9 +19,9 @@ from ddpmlab.checkpoints import check_matches, load_checkpoint
 from ddpmlab.data import to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.samplers import check_steps
-from ddpmlab.diffusion.noise import example_noise
-from ddpmlab.performance import optimize_network, wants_channels_last
+from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
+from ddpmlab.performance import optimize_network, performance_settings
 from ddpmlab.training import build, build_network
 
 METRICS = ("nll", "nll_estimate", "fid", "is", "kid")
@@ -77,7 +77,7 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dic
 
     def bound(idx):  # -> (B, 1 + T): L_T, then terms[:, 0] = L_0, terms[:, t] = L_t
         x_0 = to_model_range(test_images[idx].to(fabric.device))
-        out = diffusion.calc_bpd_loop(model, x_0, example_noise(idx, cfg.seed, fabric.device),
+        out = diffusion.calc_bpd_loop(model, x_0, ExampleNoise(idx, cfg.seed, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised, progress=fabric.global_rank == 0)
         return torch.cat([out["prior"][:, None], out["terms"]], 1)
 
@@ -96,7 +96,7 @@ def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tenso
     def estimate(idx):
         x_0 = to_model_range(test_images[idx].to(fabric.device))
         return diffusion.estimate_bpd(model, x_0, cfg.nll_estimate.timesteps,
-                                      example_noise(idx, cfg.seed + 1, fabric.device),
+                                      ExampleNoise(idx, cfg.seed + 1, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised)
 
     values = _per_example(fabric, n, cfg.batch_size, "NLL (estimate)", estimate)
@@ -115,7 +115,7 @@ def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: s
     sampler = get_sampler(name, **({"eta": cfg.eta} if name == "ddim" else {}))
 
     def sample(idx):
-        generators = example_noise(idx, cfg.seed, fabric.device)
+        generators = ExampleNoise(idx, cfg.seed, fabric.device)
         return to_uint8(sampler(model, diffusion, (len(idx), *shape), generators, steps=steps))
 
     return _per_example(fabric, cfg.num_samples, cfg.batch_size, f"sampling ({name}, {steps or 'all'} steps)",
@@ -127,9 +127,7 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
     torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))
     model, diffusion, train_cfg = run or load_run(cfg.ckpt, cfg.use_ema)
     model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
-    perf = cfg.get("performance") or {}
-    channels_last = wants_channels_last(perf.get("channels_last", False), fabric.device.type == "cuda")
-    optimize_network(model, channels_last, perf.get("compile", False))
+    optimize_network(model, *performance_settings(cfg.get("performance"), fabric.device.type == "cuda"))
     data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
     results, timings = {"settings": []}, {}
     if {"nll", "nll_estimate"} & set(cfg.metrics):

@@ -27,7 +27,8 @@ class DiffusionModule(L.LightningModule):
         ema_decay: EMA decay per optimizer step (Ho et al.: 0.9999).
         ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so short runs get a useful average early.
         adam_betas, weight_decay: the rest of Adam's settings (the paper uses PyTorch's defaults, no decay).
-        fused: use Adam's fused implementation (same update, one kernel over all parameters).
+        fused: use Adam's fused implementation (same update, one kernel over all parameters); not under
+            16-mixed precision, where Lightning leaves a fused optimizer's gradients scaled for the clipping.
         on_nonfinite: what a NaN/Inf loss or gradient does. `stop`: it is recorded on the device (no host
             sync per step), checked every `log_every_n_steps` and before every checkpoint write, and training
             stops with NonFiniteLoss naming the first bad step; no checkpoint after it is written.
@@ -164,8 +165,9 @@ class DiffusionModule(L.LightningModule):
         torch._foreach_lerp_(*self._ema_pairs, 1.0 - decay)
 
     def configure_optimizers(self):
+        fused = self.fused and not (self._trainer is not None and self.trainer.precision == "16-mixed")
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=self.adam_betas,
-                                     weight_decay=self.weight_decay, fused=self.fused or None)
+                                     weight_decay=self.weight_decay, fused=fused or None)
         warmup = max(1, self.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -9,17 +9,20 @@ from torch import nn
 from ddpmlab.errors import ConfigError
 
 
-def wants_channels_last(setting, on_gpu: bool) -> bool:
-    """`performance.channels_last`: true, false, or auto = on GPUs only.
+def performance_settings(perf, on_gpu: bool) -> tuple[bool, bool]:
+    """(channels_last, compile) from the config block `performance`, checked.
 
-    Measured on the 2-core CPU (benchmarks/README.md): NHWC made the Fashion-MNIST U-Net 12% slower and the
-    CIFAR-10 one 4% faster, within noise; cuDNN's tensor-core convolutions prefer NHWC, so auto turns it on there.
+    channels_last is true, false or auto = on GPUs only. On the 2-core CPU (benchmarks/README.md) NHWC made the
+    Fashion-MNIST U-Net 12% slower and the CIFAR-10 one 4% faster; cuDNN's tensor-core convolutions prefer
+    NHWC, so auto turns it on there.
     """
-    if setting == "auto":
-        return on_gpu
-    if not isinstance(setting, bool):
-        raise ConfigError(f"performance.channels_last={setting!r} must be true, false or auto")
-    return setting
+    perf = perf or {}
+    channels_last, compile = perf.get("channels_last", False), perf.get("compile", False)
+    if channels_last not in (True, False, "auto"):
+        raise ConfigError(f"performance.channels_last={channels_last!r} must be true, false or auto")
+    if compile not in (True, False):
+        raise ConfigError(f"performance.compile={compile!r} must be true or false")
+    return (on_gpu if channels_last == "auto" else channels_last), compile
 
 
 def optimize_network(model: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:

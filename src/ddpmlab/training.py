@@ -13,7 +13,7 @@ from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoi
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import DiffusionModule
-from ddpmlab.performance import optimize_network, wants_channels_last
+from ddpmlab.performance import optimize_network, performance_settings
 
 # The EMA copy is in eval mode on purpose (no dropout when sampling from it).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -42,16 +42,15 @@ def build_network(cfg: DictConfig):
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """U-Net + diffusion + timestep sampler + optimisation settings -> the LightningModule (the config rides along)."""
     model, diffusion = build_network(cfg)
-    perf = cfg.get("performance") or {}
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    # before the EMA copy: it inherits the memory format
-    optimize_network(model, channels_last=wants_channels_last(perf.get("channels_last", False), on_gpu))
+    channels_last, compile = performance_settings(cfg.get("performance"), on_gpu)
+    optimize_network(model, channels_last=channels_last)  # before the EMA copy: it inherits the memory format
     timestep_sampler = build(cfg.timestep_sampler, num_timesteps=diffusion.num_timesteps)
     config = OmegaConf.to_container(cfg, resolve=True)
     module = DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
     # after the EMA copy (a deep copy of a compiled module would call the original); the EMA samples uncompiled
-    optimize_network(module.model, compile=perf.get("compile", False))
+    optimize_network(module.model, compile=compile)
     return module
 
 

@@ -1,6 +1,7 @@
 """What the benchmark measures with: device-synchronised timers, peak memory, FLOP counts and the device's peak."""
 
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -80,8 +81,8 @@ def bf16_peak(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, if it is one we know (GPUs only)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+    name = torch.cuda.get_device_name(device)  # e.g. "NVIDIA H200"; "A10" must not match an A10G
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if re.search(rf"\b{key}\b", name)), None)
 
 
 def describe(device: torch.device) -> str:

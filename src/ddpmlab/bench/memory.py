@@ -17,7 +17,7 @@ import torch
 from ddpmlab.bench.measure import PeakMemory
 from ddpmlab.bench.peer import Peer, import_diffusers
 from ddpmlab.bench.run import fit, preset_config, sampler
-from ddpmlab.performance import optimize_network, wants_channels_last
+from ddpmlab.performance import optimize_network, performance_settings
 from ddpmlab.training import build_module, build_network
 
 
@@ -41,14 +41,13 @@ def run_side(job: dict, cfg, args: argparse.Namespace, shape: tuple[int, ...]) -
         fit(cfg, build_module(cfg), args, steps=3)
     elif job["side"] == "ddpmlab":
         network, diffusion = build_network(cfg)
-        channels_last = wants_channels_last(cfg.performance.channels_last, device.type == "cuda")
-        network = optimize_network(network.to(device).eval(), channels_last)
+        network = optimize_network(network.to(device).eval(),  # as evaluate.py prepares it, compiled if asked
+                                   *performance_settings(cfg.performance, device.type == "cuda"))
         with autocast:
             sampler(network, diffusion.to(device), shape, args)(job["sample_steps"])
     else:
-        model, diffusion = build_network(cfg)  # only for the diffusion; freed before the peer is built
+        _, diffusion = build_network(cfg)  # only for the diffusion: the network is dropped at once
         peer = Peer(cfg, diffusion, device, args.precision, training=job["phase"] == "train")
-        del model
         if job.get("peer_channels_last"):
             peer.unet.to(memory_format=torch.channels_last)
         if job["phase"] == "train":

@@ -66,8 +66,12 @@ class Peer:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        if diffusion.variance not in ("fixed_large", "fixed_small"):
-            raise ConfigError(f"the peer benchmarks DDPM's fixed variances, not diffusion.variance={diffusion.variance}")
+        differs = {"diffusion.variance": diffusion.variance not in ("fixed_large", "fixed_small"),
+                   "diffusion.loss": diffusion.loss != "simple", "diffusion.loss_weighting": diffusion.loss_weighting != "none",
+                   "timestep_sampler": "Uniform" not in cfg.timestep_sampler._target_}
+        if any(differs.values()):
+            raise ConfigError(f"the peer trains DDPM's L_simple with fixed variances and uniform t; "
+                              f"{', '.join(k for k, v in differs.items() if v)} differ: benchmark a DDPM config")
         channels, size = cfg.data.channels, cfg.data.image_size
         self.device, self.precision = device, precision
         self.unet = diffusers.UNet2DModel(

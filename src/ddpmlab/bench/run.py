@@ -5,10 +5,12 @@
     python -m ddpmlab.bench --preset cifar10 -- performance.channels_last=false   # ddpmlab config overrides
 
 Each measurement alternates the two in rounds (ddpmlab then diffusers in even rounds, diffusers first in odd
-ones), so drift of a shared machine falls on both; the table gives medians over rounds and their ratio.
+ones), so drift of a shared machine falls on both. The table gives each side's median throughput and, as the
+ratio, the median over rounds of the paired ratio (the two sides' times in the same round).
 ddpmlab trains through its real path (Lightning Trainer.fit of the DiffusionModule built from the preset's
-config: loss, clipping, fused Adam, EMA, logging); the peer's step runs inside that fit, between ddpmlab's
-blocks of steps, on the same batches (see peer.py).
+config: loss, clipping, fused Adam, EMA, logging); the peer's steps run inside that fit, between ddpmlab's
+blocks of steps, on ddpmlab's batches (the block's own when it goes second, the previous block's when it goes
+first); see peer.py.
 """
 
 import argparse
@@ -32,7 +34,7 @@ from omegaconf import DictConfig, open_dict
 from ddpmlab.bench.measure import bf16_peak, count_flops, describe, synchronize, timed
 from ddpmlab.bench.peer import Peer, import_diffusers
 from ddpmlab.data import to_uint8
-from ddpmlab.diffusion.noise import example_noise
+from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.diffusion.samplers import get_sampler
 from ddpmlab.errors import ConfigError
 from ddpmlab.performance import optimize_network
@@ -58,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="images per step (default 16 on a CPU, 128 on a GPU)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per measurement (default 5 CPU, 10 GPU)")
     parser.add_argument("--block", type=int, help="training steps per timed block (default 1 CPU, 10 GPU)")
-    parser.add_argument("--warmup", type=int, help="untimed training steps first (default 2 CPU, 10 GPU)")
+    parser.add_argument("--warmup", type=int, help="untimed training steps first, at least 1 (default 2 CPU, 10 GPU)")
     parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps per round of the throughput")
     parser.add_argument("--full-steps", type=int, help="steps of the full sampler run (default T; 100 on a CPU)")
     parser.add_argument("--nll-terms", type=int, default=10, help="terms of the T-term bound timed per round")
@@ -74,7 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, cpu_value, gpu_value in [("batch", 16, 128), ("rounds", 5, 10), ("block", 1, 10), ("warmup", 2, 10)]:
         if getattr(args, name) is None:
             setattr(args, name, gpu_value if gpu else cpu_value)
-    for name in ("batch", "rounds", "block", "sample_steps", "nll_terms"):
+    for name in ("batch", "rounds", "block", "warmup", "sample_steps", "nll_terms"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.out is None:
@@ -95,6 +97,7 @@ def preset_config(preset: str, args: argparse.Namespace) -> DictConfig:
         cfg.paths.output_dir = tempfile.gettempdir()  # nothing is written there: no logger, no checkpoint
         cfg.logger = None
         cfg.data.batch_size = args.batch
+        cfg.trainer.accelerator = args.device.type  # so performance.channels_last=auto follows --device
         cfg.trainer.precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
     return cfg
 
@@ -153,7 +156,7 @@ def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks
 def sampler(network, diffusion, shape: tuple[int, ...], args: argparse.Namespace):
     """ddpmlab's sampling as evaluate.py runs it: respaced ancestral steps, per-example noise, uint8 out."""
     def sample(steps: int) -> torch.Tensor:
-        noise = example_noise(range(args.batch), 0, args.device)
+        noise = ExampleNoise(range(args.batch), 0, args.device)
         return to_uint8(get_sampler("respaced")(network, diffusion, (args.batch, *shape), noise, steps=steps))
     return sample
 
@@ -191,8 +194,9 @@ def row(metric: str, unit: str, ours: float, peer: float, higher_is_better: bool
 
 
 def throughput_row(metric: str, unit: str, work: float, times: dict[str, list[float]], note: str) -> dict:
-    """Throughput = work / median time; the ratio is the median over rounds of peer time / ddpmlab time, so a
-    machine that slows down for a while slows both sides of a round and leaves its ratio alone."""
+    """Throughput = work / median time. The ratio is the median over rounds of peer time / ddpmlab time, not
+    the ratio of the two medians: a machine that slows down for a while slows both sides of a round and leaves
+    that round's ratio alone."""
     med = statistics.median
     paired = med(p / o for o, p in zip(times["ddpmlab"], times["diffusers"]))
     return row(metric, unit, work / med(times["ddpmlab"]), work / med(times["diffusers"]), True, note, paired)
@@ -215,7 +219,8 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
 
     training = Alternate(peer, args)
     fit(cfg, module, args, args.warmup + args.rounds * args.block, [training])
-    ema = module.ema_model
+    module.to(device)  # the fit's teardown moved the module, its EMA copy and its diffusion back to the CPU
+    ema, diffusion = module.ema_model, module.diffusion
     optimize_network(ema, compile=cfg.performance.compile)  # as evaluate.py prepares its network
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     autocast = peer.autocast  # both sides sample and score under the same autocast
@@ -241,7 +246,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
 
     def bound(network):
         with autocast():
-            return diffusion.calc_bpd_loop(network, x_0, example_noise(range(batch), 0, device), timesteps=terms)
+            return diffusion.calc_bpd_loop(network, x_0, ExampleNoise(range(batch), 0, device), timesteps=terms)
 
     peer.unet.eval()
     nll = alternate_rounds(args, f"NLL, {len(terms)} of {T} terms", lambda: bound(ema), lambda: bound(peer.network))
@@ -250,8 +255,9 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     x = torch.randn(batch, *shape, device=device)
     t = torch.randint(0, T, (batch,), device=device)
     with autocast():
-        train_flops = count_flops(lambda: module.model(x, t).float().square().mean().backward()) / batch
-        sample_flops = count_flops(lambda: ema(x, t)) / batch
+        # .forward: the uncompiled network (counting through torch.compile would compile it again)
+        train_flops = count_flops(lambda: module.model.forward(x, t).float().square().mean().backward()) / batch
+        sample_flops = count_flops(lambda: ema.forward(x, t)) / batch
     module.model.zero_grad(set_to_none=True)
 
     rows = [
@@ -288,7 +294,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
 
 def table(results: dict) -> str:
     """The results as a Markdown table, one row per metric, with the ratio ddpmlab / diffusers, then the notes."""
-    lines = ["| preset | metric | unit | ddpmlab | diffusers | ddpmlab / diffusers | better |",
+    lines = ["| preset | metric | unit | ddpmlab | diffusers | ddpmlab / diffusers (paired) | better |",
              "|---|---|---|---:|---:|---:|---|"]
     notes = {}
     for preset, result in results["presets"].items():
@@ -296,7 +302,8 @@ def table(results: dict) -> str:
             lines.append(f"| {preset} | {r['metric']} | {r['unit']} | {r['ddpmlab']:.4g} | {r['diffusers']:.4g} | "
                          f"{r['ratio']:.2f}x | {r['better']} |")
             notes.setdefault(r["metric"].split(" (")[0], r["note"])
-    lines.append("")
+    lines += ["", "- ddpmlab / diffusers (paired): for throughputs, the median over rounds of the two sides' time "
+              "ratio in the same round (a drifting machine slows both); otherwise ddpmlab's value / diffusers'"]
     lines += [f"- {metric}: {note}" for metric, note in notes.items() if note]
     return "\n".join(lines)
 

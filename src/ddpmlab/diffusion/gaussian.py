@@ -74,9 +74,11 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta-tilde_t I): Ho et al. eq. 6-7.
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # beta-tilde_1 = 0: its log is replaced by log beta-tilde_2 (only ever used at t=1 as a decoder scale).
-        posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
-        large_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+        # beta-tilde_1 = 0: its log is replaced by log beta-tilde_2 (only ever used at t=1 as a decoder scale);
+        # a one-step chain (a sampler respaced to 1 step) has no beta-tilde_2 and takes beta_1.
+        first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+        posterior_log_variance = torch.log(torch.cat([first, posterior_variance[1:]]))
+        large_variance = torch.cat([first, betas[1:]])
         snr = alphas_cumprod / (1.0 - alphas_cumprod)
         tables = {
             "betas": betas,

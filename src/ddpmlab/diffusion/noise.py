@@ -40,8 +40,8 @@ def _mix(z: Tensor) -> Tensor:
 class ExampleNoise:
     """Per-example random streams for the examples `indices` of a run seeded with `seed`.
 
-    Each call to `bits(n)` is that call's draw d = 0, 1, 2, ... and returns (B, n) random 64-bit integers,
-    row i a function of (seed, indices[i], d, element) only.
+    The d-th call of `bits(n)` (d = 1, 2, ...) returns (B, n) random 64-bit integers, row i a function of
+    (seed, indices[i], d, element) only. `indices` are the examples' positions in the whole evaluation.
     """
 
     def __init__(self, indices, seed: int, device=None):
@@ -65,10 +65,10 @@ class ExampleNoise:
     def randn(self, shape: tuple[int, ...]) -> Tensor:
         """Standard normals of `shape` (shape[0] = number of examples), float32, by Box-Muller: two 24-bit
         uniforms from each 64-bit value give a radius and an angle, and so two independent normals (r cos, r sin);
-        the uniforms' 24 bits bound |x| by 5.9, as in torch's own float normals on a CPU."""
+        the uniforms' 24 bits bound |x| by 5.8, as in torch's own float normals on a CPU."""
         n = math.prod(shape[1:])
         z = self.bits((n + 1) // 2)
-        u1 = _shift_right(z, 40).float().add_(0.5).mul_(2.0**-24)  # in (0, 1): the log is finite
+        u1 = (_shift_right(z, 40) + 1).float().mul_(2.0**-24)  # k / 2^24, k in 1..2^24 (exact in float32): in (0, 1]
         angle = (z & 0xFFFFFF).float().mul_(2 * math.pi * 2.0**-24)
         radius = u1.log_().mul_(-2.0).sqrt_()
         return torch.cat([radius * angle.cos(), radius.mul_(angle.sin_())], dim=1)[:, :n].reshape(shape)
@@ -80,11 +80,6 @@ class ExampleNoise:
 
 
 Generator = torch.Generator | ExampleNoise | None
-
-
-def example_noise(indices, seed: int, device=None) -> ExampleNoise:
-    """The per-example streams of examples `indices` (their positions in the whole evaluation) under `seed`."""
-    return ExampleNoise(indices, seed, device)
 
 
 def randn(shape: tuple[int, ...], generator: Generator = None, device=None) -> Tensor:

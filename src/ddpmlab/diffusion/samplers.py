@@ -1,7 +1,7 @@
 """Samplers: plain functions of (model, diffusion, shape, generator) that return x_0 in [-1, 1].
 
 `get_sampler(name, **options)` maps the names used by configs (`sampler=...`) to the functions.
-`generator` is one torch.Generator, or one per example (see noise.py) for batch-independent results.
+`generator` is one torch.Generator, or an ExampleNoise (noise.py): per-example streams, for batch-independent results.
 `on_step(i, x)`, if given, sees the state after each step i = K-1 .. 0 (a denoising strip, a notebook's plot).
 """
 
