@@ -116,8 +116,8 @@ def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: s
     sampler = get_sampler(name, **({"eta": cfg.eta} if name == "ddim" else {}))
 
     def sample(idx):
-        generators = ExampleNoise(idx, cfg.seed, fabric.device)
-        return to_uint8(sampler(model, diffusion, (len(idx), *shape), generators, steps=steps))
+        noise = ExampleNoise(idx, cfg.seed, fabric.device)
+        return to_uint8(sampler(model, diffusion, (len(idx), *shape), noise, steps=steps))
 
     return _per_example(fabric, cfg.num_samples, cfg.batch_size, f"sampling ({name}, {steps or 'all'} steps)",
                         sample, shape, torch.uint8).cpu()

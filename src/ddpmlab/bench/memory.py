@@ -47,9 +47,8 @@ def run_side(job: dict, cfg, args: argparse.Namespace, shape: tuple[int, ...]) -
             sampler(network, diffusion.to(device), shape, args)(job["sample_steps"])
     else:
         _, diffusion = build_network(cfg)  # only for the diffusion: the network is dropped at once
-        peer = Peer(cfg, diffusion, device, args.precision, training=job["phase"] == "train")
-        if job.get("peer_channels_last"):
-            peer.unet.to(memory_format=torch.channels_last)
+        peer = Peer(cfg, diffusion, device, args.precision, training=job["phase"] == "train",
+                    channels_last=job["peer_channels_last"])
         if job["phase"] == "train":
             x_0 = torch.rand(args.batch, *shape, device=device) * 2 - 1
             for _ in range(3):

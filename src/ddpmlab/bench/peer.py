@@ -61,7 +61,8 @@ def unet_config(model_cfg: DictConfig, image_size: int, in_channels: int, out_ch
 class Peer:
     """diffusers' network, scheduler, optimizer and EMA for one run config; `train_step` and `sample` run them."""
 
-    def __init__(self, cfg: DictConfig, diffusion, device: torch.device, precision: str, training: bool = True):
+    def __init__(self, cfg: DictConfig, diffusion, device: torch.device, precision: str, training: bool = True,
+                 channels_last: bool = False):
         diffusers = import_diffusers()
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
@@ -76,6 +77,8 @@ class Peer:
         self.device, self.precision = device, precision
         self.unet = diffusers.UNet2DModel(
             **unet_config(cfg.model, size, channels, diffusion.output_channels(channels))).to(device)
+        if channels_last:  # --peer-channels-last: diffusers in NHWC too, for comparison
+            self.unet.to(memory_format=torch.channels_last)
         self.scheduler = diffusers.DDPMScheduler(
             num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas64.numpy(),
             variance_type=diffusion.variance, prediction_type=PREDICTION_TYPES[diffusion.prediction], clip_sample=True)

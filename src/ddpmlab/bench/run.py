@@ -209,9 +209,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     L.seed_everything(0, verbose=False)
     module = build_module(cfg)
     diffusion = module.diffusion.to(device)
-    peer = Peer(cfg, diffusion, device, args.precision)
-    if args.peer_channels_last:
-        peer.unet.to(memory_format=torch.channels_last)
+    peer = Peer(cfg, diffusion, device, args.precision, channels_last=args.peer_channels_last)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("ddpmlab", module.model),
                                                                             ("diffusers", peer.unet))}
     print(f"{preset}: {params['ddpmlab'] / 1e6:.2f}M parameters (diffusers {params['diffusers'] / 1e6:.2f}M), "
@@ -309,13 +307,14 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     diffusers = import_diffusers()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on both
     presets = list(PRESETS) if args.preset == "all" else [args.preset]
     results = {
-        "command": "python -m ddpmlab.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m ddpmlab.bench " + shlex.join(argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": describe(args.device), "threads": torch.get_num_threads(), "precision": args.precision,
         "batch": args.batch, "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
