@@ -156,6 +156,27 @@ def run_evaluate(*args, cwd):
 
 
 @pytest.mark.slow
+def test_two_processes_from_the_command_line_give_the_one_process_numbers_and_files(trained, tmp_path):
+    """`python evaluate.py ... trainer.devices=2` as a user types it: the spawned processes get a config whose
+    `${hydra:runtime.output_dir}` only Hydra's own process can resolve, unless it is resolved before they start."""
+    common = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[nll,fid]",
+              "feature_extractor=classifier", "nll.num_images=4", "num_samples=6", "sampler=ddim", "sampling_steps=3",
+              "trainer.accelerator=cpu"]
+    records = {}
+    for devices in (1, 2):
+        done = run_evaluate(*common, f"trainer.devices={devices}", f"hydra.run.dir={tmp_path / str(devices)}",
+                            cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records[devices] = json.loads((tmp_path / str(devices) / "metrics.json").read_text())
+    one, two = records[1], records[2]
+    assert two["devices"] == 2 and len(two["results"]) == len(one["results"]) == 2
+    for row_one, row_two in zip(one["results"], two["results"]):
+        assert row_two["metric"] == row_one["metric"] and row_two["value"] == pytest.approx(row_one["value"], abs=1e-5)
+    assert np.allclose(two["nll"]["terms_bpd"], one["nll"]["terms_bpd"], atol=1e-5)
+    assert (tmp_path / "2" / "samples.pt").read_bytes() == (tmp_path / "1" / "samples.pt").read_bytes()
+
+
+@pytest.mark.slow
 def test_bad_checkpoints_are_refused_with_one_line_and_exit_2(trained, tmp_path):
     real = open(trained["ckpt"], "rb").read()
     (tmp_path / "truncated.ckpt").write_bytes(real[: len(real) // 2])

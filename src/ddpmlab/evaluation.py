@@ -180,6 +180,9 @@ def sample_metrics(cfg, train_cfg, data, samples: torch.Tensor, device) -> list[
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the configured metrics; write metrics.json, samples.png and nll_per_t.png to cfg.paths.output_dir."""
+    # Plain values from here on: spawned processes get this config, and `${hydra:...}` (paths.output_dir)
+    # resolves only in Hydra's own process.
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     unknown = set(cfg.metrics) - set(METRICS)
     if unknown:
         raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}: choose from {', '.join(METRICS)}")
