@@ -91,7 +91,8 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dic
 
 
 def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
-    """The unbiased K-timestep estimate of the bound on cfg.nll_estimate.num_images test images, with its stderr."""
+    """The bound on cfg.nll_estimate.num_images test images, with its stderr, from K = nll_estimate.timesteps
+    timesteps per image (estimate_bpd: L_T and L_0 exact, the KL terms from K strata; K + 1 network calls)."""
     n = min(cfg.nll_estimate.num_images or len(test_images), len(test_images))
 
     def estimate(idx):

@@ -27,6 +27,18 @@ def _gather(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
     return table[t].view(-1, *([1] * (x.dim() - 1)))
 
 
+def log_strata(n: int, strata: int) -> list[int]:
+    """Edges 0 = e_0 < e_1 < ... < e_K = n of K = min(strata, n) strata of [0, n), evenly spaced in log(1 + e).
+
+    e_k = (n + 1)^(k/K) - 1, rounded, then moved just enough that every stratum holds at least one index.
+    """
+    strata = min(strata, n)
+    edges = [0]
+    for k in range(1, strata + 1):
+        edges.append(min(max(round((n + 1) ** (k / strata)) - 1, edges[-1] + 1), n - strata + k))
+    return edges
+
+
 class GaussianDiffusion(nn.Module):
     """Diffusion tables for one beta schedule, held as float32 buffers computed in float64.
 
@@ -306,20 +318,52 @@ class GaussianDiffusion(nn.Module):
         prior = self.prior_bpd(x_0)
         return {"total": terms.sum(1) + prior, "prior": prior, "terms": terms}
 
+    def decoder_bpd(self, model, x_0: Tensor, eps: Tensor, clip_denoised: bool = True) -> Tensor:
+        """L_0 = -log p(x_0 | x_1) at x_1 = q_sample(x_0, t=1, eps), in bits/dim (Ho et al. eq. 13). Shape (B,)."""
+        t = torch.zeros(x_0.shape[0], device=x_0.device, dtype=torch.long)
+        return self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t, eps), t, clip_denoised)
+
+    def bound_from_draws(self, model, x_0: Tensor, eps: Tensor, t: Tensor, weights: Tensor, vb: Tensor) -> Tensor:
+        """Each example's bound from a training batch's draws, in bits/dim: L_T + L_0 + T w_t L_t 1{t >= 1}. (B,)
+
+        t, weights and vb are the batch's timesteps, their weights w_t = 1 / (T p_t) and terms (training_losses);
+        sum_{t>=1} L_t = T E[w_t L_t 1{t >= 1}], so the mean over a batch is unbiased for the bound (Ho et al.
+        eq. 5). L_T and L_0 are exact, L_0 at x_1 from the batch's eps (one more network call, no gradient):
+        a draw at t = 0, with probability 1/T, would leave L_0, about half the bound, out of most batches.
+        """
+        with torch.no_grad():
+            exact = self.prior_bpd(x_0) + self.decoder_bpd(model, x_0, eps, clip_denoised=False)
+        return exact + self.num_timesteps * weights * vb.detach() * (t > 0)
+
     @torch.no_grad()
     def estimate_bpd(self, model, x_0: Tensor, num_timesteps: int, generator: Generator = None,
                      clip_denoised: bool = True) -> Tensor:
-        """An unbiased estimate of each example's bound from K timesteps drawn uniformly: L_T + T mean_k L_{t_k}.
+        """Each example's bound L_T + L_0 + sum_{t=2..T} L_{t-1} (Ho et al. eq. 5; iDDPM eq. 4-6, L_vlb), estimated
+        from K = num_timesteps of its T - 1 KL terms, in bits/dim. Shape (B,); their spread gives the stderr.
 
-        Shape (B,), bits/dim. Its mean over examples estimates the NLL bound; their spread gives the standard error.
+        L_T (analytic) and L_0 (one network call) are exact: L_0 is about half the bound, and a uniform draw
+        over all T steps would see it with probability 1/T, weighted by T (an unbiased, very skewed estimate).
+        The KL terms, indices 1..T-1 here, are split into K strata [1 + e_k, 1 + e_{k+1}) evenly spaced in log t
+        (`log_strata`); each gets one index drawn uniformly from it, weighted by the stratum's size, so the sum
+        is unbiased for the KL sum. Log spacing because the terms fall steeply with t: the first, largest
+        terms are strata of their own, and each later stratum holds terms of similar size
+        (benchmarks/results/estimator.md measures it against uniform draws and equal strata).
+        K >= T - 1 takes every index once: the full bound. min(K, T - 1) + 1 network calls per example; T >= 2.
         """
-        t = randint(self.num_timesteps, (num_timesteps, x_0.shape[0]), generator, x_0.device)  # (K, B)
-        terms = torch.stack([
-            self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t_k, randn(x_0.shape, generator, x_0.device)), t_k,
-                              clip_denoised)
-            for t_k in t
-        ])  # (K, B)
-        return self.prior_bpd(x_0) + self.num_timesteps * terms.mean(0)
+        return self.stratified_bpd(model, x_0, log_strata(self.num_timesteps - 1, num_timesteps), generator,
+                                   clip_denoised)
+
+    @torch.no_grad()
+    def stratified_bpd(self, model, x_0: Tensor, edges: list[int], generator: Generator = None,
+                       clip_denoised: bool = True) -> Tensor:
+        """L_T + L_0 + sum_k (e_{k+1} - e_k) L_{t_k} with t_k uniform in [1 + e_k, 1 + e_{k+1}), per example:
+        estimate_bpd for any strata 0 = e_0 < ... < e_K = T - 1 of the KL indices. Shape (B,), bits/dim."""
+        sizes = [hi - lo for lo, hi in zip(edges[:-1], edges[1:])]
+        t = [1 + lo + randint(size, (x_0.shape[0],), generator, x_0.device) for lo, size in zip(edges, sizes)]
+        decoder = self.decoder_bpd(model, x_0, randn(x_0.shape, generator, x_0.device), clip_denoised)
+        kl = sum(size * self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t_k, randn(x_0.shape, generator, x_0.device)),
+                                          t_k, clip_denoised) for size, t_k in zip(sizes, t))
+        return self.prior_bpd(x_0) + decoder + kl
 
     # ---- respacing ------------------------------------------------------------------------------
 
