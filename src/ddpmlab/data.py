@@ -6,6 +6,7 @@ after the batch reaches the device (`on_after_batch_transfer`).
 """
 
 import gzip
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -23,6 +24,7 @@ from ddpmlab.errors import ConfigError
 # Where Debian's `dataset-fashion-mnist` package puts the gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+NO_HELD_OUT = "train images (no held-out split)"  # test_split's label when the NLL is on training images
 
 
 def _require_root(root: Path, name: str) -> None:
@@ -93,13 +95,53 @@ def read_cifar10(root: Path, train: bool, download: bool = False, verify_checksu
     return torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
 
 
-def _load_image(path: Path, image_size: int, channels: int) -> Tensor:
-    """One image file: shorter side resized to image_size, centre-cropped, as uint8 (C, S, S)."""
+# Modes with an alpha band (RGBa: TIFF's premultiplied alpha); palette and colour-key transparency is in img.info.
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
+
+
+def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
+    """High-bit-depth grey -> L over the full 8-bit range: v * 255 / full, rounded.
+
+    Pillow's convert("L") clips instead (a 16-bit image at 50% grey becomes all 255). I;16* and I (32-bit
+    integers, where Pillow keeps 16-bit data) are read as 0..65535, F as floats in [0, 1]; values outside are
+    refused, as no per-image rescaling would keep one scale across a dataset.
+    """
+    if img.mode.startswith("I"):
+        full = 65535
+    elif img.mode == "F":
+        full = 1
+    else:
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    if not (np.isfinite(values).all() and 0 <= values.min() and values.max() <= full):
+        raise ConfigError(f"image {path} (mode {img.mode}) has values from {values.min():g} to {values.max():g}, "
+                          f"outside the 0..{full} it is read as: rescale it to 0..{full}, or save it as 8-bit")
+    return Image.fromarray(np.rint(values * (255 / full)).astype(np.uint8))
+
+
+def _composite(img: Image.Image, background: tuple[int, int, int] | None, path: Path) -> Image.Image:
+    """Transparent pixels over an opaque `background` (alpha compositing), so no hidden colour shows through."""
+    if img.mode not in ALPHA_MODES and "transparency" not in img.info:
+        return img
+    if background is None:
+        raise ConfigError(f"image {path} has transparency (mode {img.mode}) and data.background=null: "
+                          "set data.background=white (or any colour) to composite it onto that colour")
+    return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), img.convert("RGBA"))
+
+
+def _load_image(path: Path, image_size: int, channels: int, background: tuple[int, int, int] | None) -> Tensor:
+    """One image file as uint8 (C, S, S): upright by its EXIF orientation, 8-bit, transparency composited onto
+    `background`, shorter side resized to image_size, centre-cropped."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = ImageOps.exif_transpose(img)  # decodes; phone photos store the rotation in a tag
     except (UnidentifiedImageError, OSError) as err:
         raise ConfigError(f"cannot read image {path} ({err.__class__.__name__}): remove or replace that file") from None
+    img = _composite(_to_8bit(img, path), background, path)
+    try:  # 1 -> 0/255, P -> its palette's colours, CMYK -> Pillow's RGB, RGB -> L by ITU-R 601-2 luma
+        img = img.convert("L" if channels == 1 else "RGB")
+    except ValueError as err:
+        raise ConfigError(f"cannot convert image {path} ({err}): save it as RGB or grayscale") from None
     scale = image_size / min(img.size)
     img = img.resize((max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))),
                      Image.BICUBIC)
@@ -109,15 +151,41 @@ def _load_image(path: Path, image_size: int, channels: int) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def read_image_folder(root: Path, train: bool, image_size: int = 32, channels: int = 3, **_) -> Tensor:
-    """Every image under root (searched recursively), resized and centre-cropped; train and test are the same."""
+def image_folder_split(root: Path, files: list[Path], test_fraction: float, split_seed: int):
+    """(train, test) files. With a folder root/test, its images are the test split and all others train; else
+    round(test_fraction * N) images are held out, those whose sha256 of (split_seed, path below root) ranks
+    lowest, so the split depends on neither the listing order nor the run's seed; with neither, both are all."""
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        if test_fraction:
+            raise ConfigError(f"data.test_fraction={test_fraction} but {test_dir} exists and is the test split: "
+                              "set data.test_fraction=0, or move that folder")
+        held = {p for p in files if test_dir in p.parents}
+    elif test_fraction:
+        key = lambda p: hashlib.sha256(f"{split_seed}:{p.relative_to(root).as_posix()}".encode()).digest()  # noqa: E731
+        held = set(sorted(files, key=key)[: max(1, round(test_fraction * len(files)))])
+    else:
+        return files, files
+    train, test = [p for p in files if p not in held], [p for p in files if p in held]
+    if not train or not test:
+        raise ConfigError(f"data.root={root} gives {len(train)} training and {len(test)} test images: each split "
+                          f"needs one at least; add images{' to ' + str(test_dir) if test_dir.is_dir() else ''}, "
+                          "or lower data.test_fraction")
+    return train, test
+
+
+def read_image_folder(root: Path, train: bool, image_size: int = 32, channels: int = 3, test_fraction: float = 0.0,
+                      split_seed: int = 0, background: tuple[int, int, int] | None = (255, 255, 255), **_) -> Tensor:
+    """The images of one split (image_folder_split) under root, searched recursively, resized and centre-cropped."""
     _require_root(root, "your images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(
             f"data.root={root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): point data.root at your images"
         )
-    return torch.stack([_load_image(p, image_size, channels) for p in files])
+    train_files, test_files = image_folder_split(root, files, test_fraction, split_seed)
+    return torch.stack([_load_image(p, image_size, channels, background)
+                        for p in (train_files if train else test_files)])
 
 
 def labels_of(dataset: str, root: Path, train: bool) -> Tensor:
@@ -206,6 +274,10 @@ class DiffusionDataModule(L.LightningDataModule):
         download: let torchvision download the dataset (needs internet).
         verify_checksums: CIFAR-10 only: check torchvision's MD5 sums of the pickles.
         seed: seeds the order of training batches (StepBatchSampler), which resumes exactly.
+        test_fraction, split_seed: image_folder only: the share of images held out as the test split when
+            root has no test/ folder, and the seed of which (image_folder_split).
+        background: image_folder only: the colour (a Pillow name or #rrggbb) that transparent pixels are
+            composited onto; None refuses images with transparency.
     """
 
     def __init__(
@@ -220,12 +292,25 @@ class DiffusionDataModule(L.LightningDataModule):
         download: bool = False,
         verify_checksums: bool = True,
         seed: int = 0,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        background: str | None = "white",
     ):
         super().__init__()
         if dataset not in READERS:
             raise ConfigError(f"data.dataset={dataset!r} is unknown: choose one of {', '.join(READERS)}")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {batch_size}")
+        if not 0 <= test_fraction < 1:
+            raise ConfigError(f"data.test_fraction must be in [0, 1), got {test_fraction}: 0.1 holds out a tenth")
+        if test_fraction and dataset != "image_folder":
+            raise ConfigError(f"data.test_fraction={test_fraction} is for image_folder: {dataset} has a test split")
+        try:
+            self.background = None if background is None else ImageColor.getrgb(str(background))[:3]
+        except ValueError:
+            raise ConfigError(f"data.background={background!r} is not a colour: use a name (white), #rrggbb, "
+                              "or null to refuse images with transparency") from None
+        self.test_fraction, self.split_seed = test_fraction, split_seed
         self.dataset, self.root = dataset, Path(root).expanduser()
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -238,7 +323,8 @@ class DiffusionDataModule(L.LightningDataModule):
         """The whole split as uint8 (N, C, H, W), checked against image_size and channels."""
         images = READERS[self.dataset](
             self.root, train=train, download=self.download, image_size=self.image_size, channels=self.channels,
-            verify_checksums=self.verify_checksums,
+            verify_checksums=self.verify_checksums, test_fraction=self.test_fraction, split_seed=self.split_seed,
+            background=self.background,
         )
         if tuple(images.shape[1:]) != (self.channels, self.image_size, self.image_size):
             raise ConfigError(
@@ -246,6 +332,17 @@ class DiffusionDataModule(L.LightningDataModule):
                 f"channels={self.channels} image_size={self.image_size}: fix data.channels and data.image_size"
             )
         return images
+
+    @property
+    def test_split(self) -> str:
+        """What test_images are, for the labels of the numbers measured on them."""
+        if self.dataset != "image_folder":
+            return "test"
+        if (self.root / "test").is_dir():
+            return "test (the images under data.root/test)"
+        if self.test_fraction:
+            return f"held-out {self.test_fraction * 100:g}% (data.split_seed={self.split_seed})"
+        return NO_HELD_OUT
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_images is None:

@@ -6,6 +6,7 @@ process takes the indices rank, rank + N, ...; results are gathered by index, so
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.progress import track
 
 from ddpmlab.checkpoints import check_matches, load_checkpoint
-from ddpmlab.data import to_model_range, to_uint8
+from ddpmlab.data import NO_HELD_OUT, to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.samplers import check_steps
 from ddpmlab.diffusion.noise import ExampleNoise
@@ -219,13 +220,13 @@ def _check_counts(cfg, train_cfg) -> None:
                                   f"use {key}.num_images=null for all of it")
 
 
-def _rows(cfg, results: dict) -> list[dict]:
+def _rows(cfg, results: dict, split: str) -> list[dict]:
     rows = []
     for metric in ("nll", "nll_estimate"):
         if metric in results:
             r = results[metric]
             rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
-                         "test_images": r["num_images"], "seconds": results["timings"][metric]})
+                         "test_images": r["num_images"], "split": split, "seconds": results["timings"][metric]})
     for setting in results["settings"]:
         common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"]}
         rows += [{**row, **common, "seconds": row["seconds"] + setting["sampling_seconds"]} for row in setting["rows"]]
@@ -236,7 +237,10 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
     """The JSON record (one row per metric and sampling setting), sample grids, the plots and the printed table."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _rows(cfg, results)
+    # What the NLL's images are (a held-out split, or the training images), as the run's datamodule says.
+    data_cfg = {**results["train_cfg"]["data"], **({"root": cfg.data_root} if cfg.data_root else {})}
+    split = build(data_cfg).test_split
+    rows = _rows(cfg, results, split)
     record = {
         "checkpoint": str(cfg.ckpt), "checkpoint_sha256": hashlib.sha256(Path(cfg.ckpt).read_bytes()).hexdigest(),
         "use_ema": cfg.use_ema, "seed": cfg.seed, "devices": cfg.trainer.devices, "results": rows,
@@ -245,6 +249,7 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
     if "nll" in results:
         record["nll"] = {k: results["nll"][k] for k in ("bpd", "stderr", "prior_bpd", "decoder_bpd", "num_images")}
         record["nll"]["terms_bpd"] = results["nll"]["terms_bpd"]
+        record["nll"]["split"] = split
         _plot_terms(results["nll"], out / "nll_per_t.png")
     settings = results["settings"]
     for setting in settings:
@@ -329,7 +334,10 @@ def _print_table(rows: list[dict]) -> None:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
         std = "" if row.get("std") is None else f"{row['std']:.4f}"
         details = row.get("unavailable") or ", ".join(
-            f"{k}={row[k]}" for k in ("test_images", "samples", "reference_images", "sampler", "sampling_steps",
-                                      "feature_extractor")
+            f"{k}={row[k]}" for k in ("test_images", "split", "samples", "reference_images", "sampler",
+                                      "sampling_steps", "feature_extractor")
             if k in row)
         print(f"{row['metric']:<22}{value:>12}{std:>10}  {details}, {row['seconds']:.1f}s")
+    if any(row.get("split") == NO_HELD_OUT for row in rows):
+        print("warning: the NLL above is on training images (the data has no held-out split), so it cannot show "
+              "overfitting: give data.root a test/ folder, or train with data.test_fraction=0.1", file=sys.stderr)
