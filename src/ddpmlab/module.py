@@ -12,6 +12,9 @@ from ddpmlab.diffusion.timesteps import UniformTimesteps
 from ddpmlab.errors import ConfigError, NonFiniteLoss
 
 NONFINITE_POLICIES = ("stop", "skip")
+# fp16's smallest normal number: below it most scaled gradients underflow to 0, and only ~30 overflows in a row
+# from GradScaler's initial 2**16 get the scale there; no probe for a larger scale does.
+MIN_LOSS_SCALE = torch.finfo(torch.float16).tiny
 
 
 class DiffusionModule(L.LightningModule):
@@ -32,8 +35,9 @@ class DiffusionModule(L.LightningModule):
         on_nonfinite: what a NaN/Inf loss or gradient does. `stop`: it is recorded on the device (no host
             sync per step), checked every `log_every_n_steps` and before every checkpoint write, and training
             stops with NonFiniteLoss naming the first bad step; no checkpoint after it is written.
-            `skip`: that step's update is skipped (one scalar host sync per step to decide) and counted in
-            `train/skipped_steps`.
+            `skip`: that step leaves no trace in the weights, Adam, the EMA, the timestep sampler or the warm-up
+            (one scalar host sync per step to decide) and is counted in `train/skipped_steps`. Under 16-mixed,
+            the GradScaler handles overflowing gradients itself; a collapsed loss scale stops the run.
         config: the resolved run config, stored in every checkpoint under "config".
     """
 
@@ -70,6 +74,8 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         self.register_buffer("skipped_steps", torch.tensor(0), persistent=False)
         self._loss_finite: Tensor | None = None
+        self._sampled: list[tuple[Tensor, Tensor]] = []  # this step's (t, L_t) pairs, (B,) each
+        self._skipped = False
         self._step_start: float | None = None
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
@@ -86,10 +92,11 @@ class DiffusionModule(L.LightningModule):
         t, weights = self.timestep_sampler.sample(x_0.shape[0], x_0.device)
         eps = torch.randn_like(x_0)
         terms = self.diffusion.training_losses(self.model, x_0, t, eps)  # each (B,)
-        self.timestep_sampler.update(t, terms["vb"])
+        self._sampled.append((t, terms["vb"].detach()))  # the sampler learns from them once the step is taken
         losses = terms["loss"] * weights
         loss = losses.mean()
-        self._loss_finite = torch.isfinite(loss)
+        finite = torch.isfinite(loss)  # over all micro-batches of the step under gradient accumulation
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.log("train/loss", loss, prog_bar=True)  # every step: the progress bar shows it
         if not self.logs_this_step():
             return loss
@@ -116,18 +123,27 @@ class DiffusionModule(L.LightningModule):
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip the global gradient norm (Ho et al.: 1.0), log the norm before clipping, and catch NaN/Inf.
+        """Clip the gradients, log their global norm before clipping, and catch NaN/Inf.
 
+        `norm` clips the global norm (Ho et al.: 1.0); `value` clamps each element to [-val, val].
         Runs after backward and before Adam's update, so a skipped step is one whose gradients are removed:
         Adam leaves parameters without a gradient untouched (weights, moments and its step count).
+        Under 16-mixed precision the GradScaler overflows by design when it probes a larger scale, then skips
+        that step and halves the scale: non-finite gradients are its to handle, a non-finite loss stays ours.
         """
-        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        clip = float(gradient_clip_val) if gradient_clip_val else None
+        by_value = clip is not None and gradient_clip_algorithm == "value"
+        # max_norm=inf measures the norm without clipping: for the log and the NaN/Inf check in every mode
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf") if by_value or not clip else clip)
+        if by_value:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), clip)
         if self.logs_this_step():
             self.log("train/grad_norm", norm)
-        bad = ~(torch.isfinite(norm) & self._loss_finite)
+        bad = ~self._loss_finite if self.grad_scaler() else ~(torch.isfinite(norm) & self._loss_finite)
+        self._loss_finite = None
         if self.on_nonfinite == "skip":
-            if bad.item():  # the one host sync of this policy
+            self._skipped = bool(bad.item())  # the one host sync of this policy
+            if self._skipped:
                 optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
             if self.logs_this_step():
@@ -136,14 +152,27 @@ class DiffusionModule(L.LightningModule):
             first = self.first_nonfinite_step
             first.copy_(torch.where(bad & (first < 0), torch.full_like(first, self.global_step), first))
 
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler of Lightning's 16-mixed precision plugin, if one is active."""
+        scaler = getattr(self._trainer and self._trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss if any step so far had a NaN/Inf loss or gradient (a host sync: called rarely)."""
+        """Raise NonFiniteLoss if any step so far had a NaN/Inf loss or gradient, or the 16-mixed loss scale
+        collapsed (host syncs: called rarely)."""
         step = int(self.first_nonfinite_step)
         if step >= 0:
             raise NonFiniteLoss(
                 f"the loss or its gradient became NaN/Inf at step {step + 1}: training stopped and no checkpoint "
                 "after it was written; resume from the last checkpoint with a lower optim.lr, or set "
                 "optim.on_nonfinite=skip to skip such steps"
+            )
+        scaler = self.grad_scaler()
+        if scaler is not None and scaler.get_scale() < MIN_LOSS_SCALE:
+            raise NonFiniteLoss(
+                f"the 16-mixed loss scale fell to {scaler.get_scale():.3g} by step {self.global_step}: the gradients "
+                "overflow at every scale, which the GradScaler cannot absorb; resume from the last checkpoint with "
+                "a lower optim.lr, or train with trainer.precision=bf16-mixed or 32-true"
             )
 
     def on_fit_start(self) -> None:
@@ -157,13 +186,21 @@ class DiffusionModule(L.LightningModule):
         written there (ModelCheckpoint, LastCheckpoint) holds the EMA of the same step as the weights.
         Also logs the throughput: images of all ranks over the host time of forward, backward, step and EMA."""
         super().optimizer_step(*args, **kwargs)
-        self.update_ema()
+        sampled, self._sampled = self._sampled, []
+        if not self._skipped:  # a skipped step leaves no trace: neither the sampler nor the EMA learns from it
+            for t, vb in sampled:
+                self.timestep_sampler.update(t, vb)
+            self.update_ema()
         if self._step_start is not None and self.logs_this_step():
             images = self.trainer.datamodule.batch_size * self.trainer.world_size if self.trainer.datamodule else 0
             self.log("train/images_per_s", images / max(time.perf_counter() - self._step_start, 1e-9))
 
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if not self._skipped:  # nor does the warm-up advance on it
+            scheduler.step()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.on_nonfinite == "stop" and self.global_step % self.trainer.log_every_n_steps == 0:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
             self.check_finite()
 
     @torch.no_grad()

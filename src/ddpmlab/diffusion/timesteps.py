@@ -68,7 +68,10 @@ class ImportanceTimesteps(UniformTimesteps):
 
     @torch.no_grad()
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Append each example's loss to its t's ring buffer (in batch order; later values win within a batch)."""
+        """Append each example's loss to its t's ring buffer (in batch order; later values win within a batch).
+
+        A batch holding a NaN/Inf loss leaves the history as it was: one such value would make every p_t NaN.
+        """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t, losses = _all_gather(t), _all_gather(losses.float())
         t, losses = t.to(self.loss_counts.device), losses.to(self.loss_history)
@@ -78,10 +81,11 @@ class ImportanceTimesteps(UniformTimesteps):
         first = torch.searchsorted(t, t)
         rank = torch.arange(len(t), device=t.device) - first
         in_batch = torch.bincount(t, minlength=self.num_timesteps)
-        keep = rank >= in_batch[t] - self.history_size
+        finite = torch.isfinite(losses).all()  # 0-d: decided on the device, no sync
+        keep = (rank >= in_batch[t] - self.history_size) & finite
         slot = (self.loss_counts[t] + rank) % self.history_size
         self.loss_history[t[keep], slot[keep]] = losses[keep]
-        self.loss_counts += in_batch
+        self.loss_counts += in_batch * finite
 
 
 def _all_gather(x: Tensor) -> Tensor:
