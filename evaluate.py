@@ -14,9 +14,9 @@ from ddpmlab.evaluation import evaluate  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with cli.reported_errors(cfg):
+    with cli.reported_errors(cfg):  # in a multirun a failed run is recorded and the block left
         evaluate(cfg)
-    print(f"results: {Path(cfg.paths.output_dir) / 'metrics.json'}")
+        print(f"results: {Path(cfg.paths.output_dir) / 'metrics.json'}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from ddpmlab.training import train  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    with cli.reported_errors(cfg):
+    with cli.reported_errors(cfg):  # in a multirun a failed run is recorded and the block left: None
         metrics = train(cfg)
-    print(f"run folder: {cfg.paths.output_dir}")
-    return metrics.get("train/loss")
+        print(f"run folder: {cfg.paths.output_dir}")
+        return metrics.get("train/loss")
 
 
 if __name__ == "__main__":

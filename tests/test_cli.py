@@ -62,6 +62,21 @@ def test_bad_config_values_end_with_one_line_and_exit_2(tmp_path, override, mess
     assert not (tmp_path / "smoke").exists() or not any((tmp_path / "smoke").iterdir())  # no junk run folder
 
 
+@pytest.mark.parametrize("users_file", ["experiments_2025.log", None])
+def test_a_refused_start_never_removes_a_folder_it_did_not_create(tmp_path, users_file):
+    """hydra.run.dir= an existing folder (the user's, holding their own .log file, or empty) and a bad value."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    if users_file:
+        (mine / users_file).write_text("the user's notes\n")
+    result = run_train(str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={mine}", "data.batch_size=0",
+                       cwd=tmp_path)
+    assert result.returncode == 2 and error_line(result).startswith("error: data.batch_size must be at least 1")
+    assert mine.is_dir()
+    if users_file:
+        assert (mine / users_file).read_text() == "the user's notes\n"
+
+
 def test_unknown_group_option_names_the_choices(tmp_path):
     result = run_train(str(ROOT / "train.py"), "model=transformer", f"paths.log_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0

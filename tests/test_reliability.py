@@ -308,6 +308,66 @@ def test_preemption_saves_the_current_step_and_ckpt_path_last_continues_the_run(
     assert (folder.parent / "config_resolved_1.yaml").is_file()  # the first part's config is kept
 
 
+# ---- a full disk at the second checkpoint: one line, exit 2, the run folder and its first checkpoint kept ------
+
+class FullDiskAfterFirstCheckpoint(L.Callback):
+    """From step 4 the checkpoint writer's temporary file is /dev/full (every write fails with ENOSPC): the smoke
+    run's first checkpoint (step 3) is written, its second (step 6) meets a full disk."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 4:
+            folder = Path(trainer.default_root_dir) / "checkpoints"
+            (folder / f".last.ckpt.{os.getpid()}.tmp").symlink_to("/dev/full")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 18 MiB tmpfs: the smoke run's first checkpoint (11.4 MB) fits, a second one written beside it does not."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the /dev/full test covers the failed write")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=18m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the /dev/full test covers the failed write")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def _run_to_a_full_disk(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={run_dir}",
+                           "callbacks.sample_grid.every_n_steps=0", *overrides],
+                          cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _assert_first_checkpoint_kept(result: subprocess.CompletedProcess, run_dir: Path, reason: str) -> None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write checkpoint {last} ({reason}")
+    assert "the previous checkpoint is kept" in errors[0]
+    assert load_checkpoint(last)["global_step"] == 3
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "csv" / "metrics.csv").is_file()
+    assert not list(last.parent.glob(".last.ckpt.*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_second_checkpoint_keeps_the_run_folder_and_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run_to_a_full_disk(run_dir, f"+callbacks.full_disk._target_={__name__}.FullDiskAfterFirstCheckpoint")
+    _assert_first_checkpoint_kept(result, run_dir, "No space left on device")
+
+
+@pytest.mark.slow
+def test_a_really_full_filesystem_at_the_second_checkpoint_keeps_the_run_folder_and_the_first(small_disk):
+    """On a real full filesystem torch's zip writer raises RuntimeError ("unexpected pos ..."), not OSError."""
+    run_dir = small_disk / "run"
+    result = _run_to_a_full_disk(run_dir)
+    _assert_first_checkpoint_kept(result, run_dir, "")
+
+
 class FailOnRank(L.Callback):
     """Raises on rank $FAIL_ON_RANK at the third step, as a bug or a bad node would."""
 

@@ -1,4 +1,5 @@
-"""Hydra multiruns: sweep presets and launchers compose, and a parallel sweep ends with its summary."""
+"""Hydra multiruns: sweep presets and launchers compose, a parallel sweep ends with its summary, and a failed run
+is recorded without ending the sweep."""
 
 import csv
 import os
@@ -7,7 +8,10 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from ddpmlab.plots import read_curves
+from ddpmlab.sweeps import record_status, summarise
 from tests.conftest import ROOT, wandb_record
 
 
@@ -46,9 +50,9 @@ def test_parallel_sweep_over_two_schedules_runs_and_writes_its_summary(tmp_path)
         assert (sweep / run / "checkpoints" / "last.ckpt").is_file()
     with open(sweep / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["run"], r["schedule"], r["steps"], r["checkpoint"]) for r in rows] == [
-        ("0", "linear", "4", "yes"), ("1", "cosine", "4", "yes")]
-    assert all(0 < float(r["train/loss"]) < 10 for r in rows)
+    assert [(r["run"], r["schedule"], r["steps"], r["checkpoint"], r["status"], r["exit"]) for r in rows] == [
+        ("0", "linear", "4", "yes", "ok", "0"), ("1", "cosine", "4", "yes", "ok", "0")]
+    assert all(0 < float(r["train/loss (last)"]) < 10 for r in rows)
     assert "| 1 | cosine | 4 |" in (sweep / "summary.md").read_text()
     assert (sweep / "loss_curves.png").stat().st_size > 5000
     assert "sweep summary" in result.stdout
@@ -60,3 +64,44 @@ def test_parallel_sweep_over_two_schedules_runs_and_writes_its_summary(tmp_path)
         record = wandb_record(next((sweep / run / "wandb").glob("offline-run-*")), b"train/loss")
         assert protobuf_string(fields["run_group"].number, "sweep") in record
         assert protobuf_string(fields["tags"].number, "smoke") in record
+
+
+def test_summary_gives_each_runs_last_logged_values_and_its_outcome(tmp_path):
+    """Three run folders as a multirun leaves them: finished, failed (status.json says why), killed (no status)."""
+    for run, lr, exit_code in (("0", "1e-3", 0), ("1", "1e5", 3), ("2", "3e-4", None)):
+        (tmp_path / run / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"optim.lr={lr}"]), tmp_path / run / ".hydra" / "overrides.yaml")
+        (tmp_path / run / "csv").mkdir()
+        (tmp_path / run / "csv" / "metrics.csv").write_text(
+            "epoch,step,train/loss\n" + "".join(f"0,{s},{v}\n" for s, v in enumerate([4.0, 3.0, 2.0, 1.0, 0.5, 0.25])))
+        if exit_code is not None:
+            record_status(tmp_path / run, exit_code, "" if exit_code == 0 else "error: NaN at step 3 | say why")
+    rows = summarise(tmp_path)
+    assert [(r["run"], r["optim.lr"], r["status"], r["exit"]) for r in rows] == [
+        ("0", "1e-3", "ok", 0), ("1", "1e5", "failed", 3), ("2", "3e-4", "unknown", "")]
+    assert rows[1]["reason"] == "error: NaN at step 3 | say why" and "killed" in rows[2]["reason"]
+    assert all(r["train/loss (last)"] == 0.25 and r["steps"] == 6 for r in rows)  # the last point, not a mean
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "local_parallel"])
+def test_a_run_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path, launcher):
+    """optim.lr=1e5 diverges (exit 3 alone); the next run still trains, the summary says which failed and why, and
+    the multirun exits 4. Every launcher runs a job through the same train.py task, so the same handling applies."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "optim.lr=1e5,1e-3", "trainer.max_steps=4",
+         "callbacks.sample_grid.every_n_steps=0", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: 1 of 2 runs failed, run 0 (exit 3): {sweep / 'summary.md'} says why"
+    with open(sweep / "summary.csv", newline="") as f:
+        failed, finished = csv.DictReader(f)
+    assert (failed["status"], failed["exit"], failed["checkpoint"]) == ("failed", "3", "no")
+    assert failed["reason"].startswith("error: the loss or its gradient became NaN/Inf at step 3")
+    assert (finished["status"], finished["exit"], finished["reason"], finished["steps"]) == ("ok", "0", "", "4")
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
+    last_loss = read_curves(sweep / "1" / "csv" / "metrics.csv")["train/loss"][-1][1]
+    assert float(finished["train/loss (last)"]) == last_loss
+    assert "| 0 | 100000.0 | 2 |" in (sweep / "summary.md").read_text() and (sweep / "loss_curves.png").is_file()

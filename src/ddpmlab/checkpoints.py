@@ -13,8 +13,10 @@ from ddpmlab.errors import ConfigError
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made crash-safe: each checkpoint goes to a temporary file in the same
     folder, is flushed to disk, then renamed over the old one (an atomic replace on POSIX). A kill at any
-    moment leaves the previous complete file or the new complete file, never a torn one; a failed write
-    (disk full, permissions) removes its temporary file, keeps the previous checkpoint and says so in one line.
+    moment leaves the previous complete file or the new complete file, never a torn one. A failed write, known
+    by the write itself failing whatever it raises (a full disk gives OSError from Python's file, or RuntimeError
+    "unexpected pos" from torch's zip writer), removes its temporary file, keeps the previous checkpoint and says so
+    in one line.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -35,10 +37,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(directory)  # the rename itself reaches the disk
             finally:
                 os.close(directory)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - a full disk raises OSError or, from torch's zip writer, RuntimeError
             tmp.unlink(missing_ok=True)
+            reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(
-                f"cannot write checkpoint {path} ({err.strerror or err}): the previous checkpoint is kept; "
+                f"cannot write checkpoint {path} ({reason}): the previous checkpoint is kept; "
                 "free disk space or set paths.output_dir to a writable folder with room"
             ) from None
         except BaseException:

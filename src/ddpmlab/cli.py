@@ -2,57 +2,135 @@
 
 | exit | meaning |
 |---|---|
+| 1 | a bug: an unexpected exception, with its traceback |
 | 2 | bad input: a config value, an override Hydra cannot compose, data, a checkpoint, a full disk (ConfigError) |
 | 3 | training met NaN/Inf with optim.on_nonfinite=stop (NonFiniteLoss) |
+| 4 | a multirun ended in which some runs failed: summary.md gives each run's exit code and reason |
 | 128 + signal | preempted by SIGTERM (143) or SIGINT (130) after saving a checkpoint (Preempted) |
+
+In a multirun (`-m`) a failed run is recorded in its folder and the sweep goes on with the next run, under any
+launcher: the SystemExit that ends a run alone is a BaseException, which Hydra's job runner lets through and
+which would end the whole sweep with no summary. A preempted run still ends the sweep: the signal was for the process.
 """
 
-import shutil
 import sys
-from contextlib import contextmanager
+import traceback
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
+from ddpmlab.sweeps import record_status, summarise
 
 _task_started = False
+_run_dir_existed: bool | None = None  # None: unknown (RunGuard not registered), so the folder is never removed
+_multirun_failed = ""  # the final line of a multirun in which some runs failed
+
+
+class RunGuard(Callback):
+    """Hydra callback (conf/hydra/default.yaml) noting what only Hydra's side sees: whether the run folder
+    existed before Hydra made it, and which runs of a multirun failed."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        global _run_dir_existed
+        # run_job resolves hydra.run.dir from this same config after this call; its ${now:} is cached, so it is
+        # the same folder
+        _run_dir_existed = Path(config.hydra.run.dir).exists()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        global _multirun_failed
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarise(sweep_dir) if sweep_dir.is_dir() else []
+        failed = [f"run {r['run']} (exit {r['exit'] if r['exit'] != '' else '?'})" for r in rows if r["status"] != "ok"]
+        if failed:
+            _multirun_failed = (f"error: {len(failed)} of {len(rows)} runs failed, {', '.join(failed)}: "
+                                f"{sweep_dir / 'summary.md'} says why")
 
 
 @contextmanager
 def reported_errors(cfg):
     """Around an entry point's work: check that cfg.paths.output_dir is writable, then turn our errors into
-    their line and exit code.
+    their line and exit code (table above).
 
-    On bad input the run folder Hydra has just made is removed again when it holds nothing but Hydra's own
-    files (.hydra/, the log), so a mistake leaves no junk folder; a folder with anything else is left alone.
+    A run alone that fails on bad input removes its run folder only when this process made it and, at that
+    moment, it holds nothing but the files Hydra wrote. In a multirun every outcome is recorded in the run's
+    folder (ddpmlab.sweeps.record_status) and a failure's exception is swallowed so that the next run starts:
+    keep the work and its return inside the `with`.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     global _task_started
     _task_started = True
-    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
-    fresh = not hydra_dir.is_dir() or all(p.name == ".hydra" or p.suffix == ".log" for p in hydra_dir.iterdir())
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    multirun = hydra.mode == RunMode.MULTIRUN
     try:
         _check_writable(Path(cfg.paths.output_dir))
         yield
-    except ConfigError as err:
-        if fresh:
-            shutil.rmtree(hydra_dir, ignore_errors=True)
-        _exit(f"error: {err}", 2)
-    except NonFiniteLoss as err:
-        _exit(f"error: {err}", 3)
-    except Preempted as err:
-        _exit(f"preempted: {err}", 128 + err.signum)
+    except Exception as err:
+        code, line = _outcome(err)
+        if multirun:
+            if code == 1:
+                traceback.print_exc()  # a bug: its traceback belongs in the run's log
+            record_status(run_dir, code, line)
+            print(line, file=sys.stderr)
+            if isinstance(err, Preempted):
+                sys.exit(code)
+            return
+        if code == 1:
+            raise
+        if code == 2:
+            _remove_failed_start(hydra, run_dir)
+        _exit(line, code)
+    if multirun:
+        record_status(run_dir, 0, "")
 
 
 def run(hydra_main) -> None:
     """Call a @hydra.main function. Hydra reports a config it cannot compose (an unknown key or option, a
-    malformed override) in its own words and exits 1 before the task starts: that is bad input, so exit 2."""
+    malformed override) in its own words and exits 1 before the task starts: that is bad input, so exit 2.
+    A multirun in which some runs failed ends with one line naming them and exit 4."""
     try:
         hydra_main()
     except SystemExit as exit_:
         if exit_.code == 1 and not _task_started:
             raise SystemExit(2) from None
         raise
+    if _multirun_failed:
+        _exit(_multirun_failed, 4)
+
+
+def _outcome(err: Exception) -> tuple[int, str]:
+    """An error's exit code and line (table above)."""
+    if isinstance(err, ConfigError):
+        return 2, f"error: {err}"
+    if isinstance(err, NonFiniteLoss):
+        return 3, f"error: {err}"
+    if isinstance(err, Preempted):
+        return 128 + err.signum, f"preempted: {err}"
+    return 1, f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def _remove_failed_start(hydra, run_dir: Path) -> None:
+    """Remove the run folder of a start refused on bad input, only when this process made it (RunGuard) and it
+    now holds nothing but Hydra's files (.hydra/config.yaml, hydra.yaml, overrides.yaml, the job's log) and empty
+    folders. A user's folder, a checkpoint, a logged step or a sample grid is never removed."""
+    if _run_dir_existed is not False or not run_dir.is_dir():
+        return
+    hydra_files = {run_dir / str(hydra.output_subdir) / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    log = OmegaConf.select(hydra.job_logging, "handlers.file.filename", default=None)
+    hydra_files |= {Path(log)} if log else set()
+    found = list(run_dir.rglob("*"))
+    files = [p for p in found if not p.is_dir()]
+    if any(p not in hydra_files for p in files):
+        return
+    for p in files:
+        p.unlink()
+    for folder in sorted((p for p in found if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [run_dir]:
+        with suppress(OSError):  # something appeared meanwhile: it stays
+            folder.rmdir()
 
 
 def _check_writable(folder: Path) -> None:
