@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,13 +18,20 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MARKERS = {
     "01_forward_process.ipynb": ["test images; T = 1000", "cosine"],
     "02_sampling.ipynb": ["T=50", "NLL ", "samplers: ancestral, respaced, ddim, dpm_solver"],
-    "03_sweep_results.ipynb": ["2 runs, varying ['schedule']", "nll_estimate (bits/dim)", "wandb: not logged in"],
+    "03_sweep_results.ipynb": ["2 runs, varying ['schedule']", "nll_estimate (bits/dim)", "wandb: not logged in",
+                               # one run's two sampling settings, each in a column of its own
+                               "fid (ddim, 3 steps, inception-2015-12-05)",
+                               "fid (dpm_solver, 3 steps, inception-2015-12-05)"],
 }
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A smoke checkpoint, and a two-schedule sweep whose runs were each evaluated into <run>/eval."""
+    """A smoke checkpoint, and a two-schedule sweep whose runs were each evaluated into <run>/eval.
+
+    Run 0 also has FID for two samplers in <run>/eval_fid, against a data root whose Fashion-MNIST is the
+    smoke run's (linked), so that the Inception weights and statistics are written under the test's folder.
+    """
     root = tmp_path_factory.mktemp("notebooks")
     train(compose_config("experiment=smoke", output_dir=root / "run"))
     sweep = root / "sweep"
@@ -35,6 +43,13 @@ def made(tmp_path_factory):
     for run in ("0", "1"):
         evaluate(compose_eval(f"ckpt={sweep / run / 'checkpoints' / 'last.ckpt'}", "metrics=[nll_estimate]",
                               "nll_estimate.num_images=4", "nll_estimate.timesteps=2", output_dir=sweep / run / "eval"))
+    data = root / "data"
+    data.mkdir()
+    (data / "FashionMNIST").symlink_to(Path(compose_config("experiment=smoke").data.root) / "FashionMNIST")
+    evaluate(compose_eval(f"ckpt={sweep / '0' / 'checkpoints' / 'last.ckpt'}", f"data_root={data}", "metrics=[fid]",
+                          "feature_extractor=inception", "inception_weights=fid-helper", "num_samples=8",
+                          "reference_images=8", "sampler=[ddim,dpm_solver]", "sampling_steps=3",
+                          output_dir=sweep / "0" / "eval_fid"))
     return {"ckpt": root / "run" / "checkpoints" / "last.ckpt", "sweep": sweep, "home": root / "home"}
 
 
