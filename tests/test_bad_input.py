@@ -54,6 +54,8 @@ CASES = [
      "error: checkpoint {other} does not match the model (missing ema_model.conv_in.bias"),
     ("resume_last_without_runs", "train", "ckpt_path=last", "error: ckpt_path=last: no run of task 'smoke'"),
     ("run_folder_already_used", "train", "hydra.run.dir={used}", "error: {used} already holds checkpoints"),
+    ("resume_with_other_settings", "train", "ckpt_path={good} schedule=cosine diffusion.prediction=v",
+     "error: resuming {good} would change what it was trained as: schedule._target_"),
     ("unwritable_output_folder", "train", "paths.output_dir={file}/run", "error: cannot write to {file}/run (Not a directory)"),
     ("evaluate_unwritable_output_folder", "evaluate", "ckpt={good} metrics=[fid] paths.output_dir={file}/eval",
      "error: cannot write to {file}/eval (Not a directory)"),

@@ -1,16 +1,20 @@
 """Training through the real config, Lightning and Fashion-MNIST data: fit, resume, loggers."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torchvision
 from omegaconf import open_dict
 from PIL import Image
 
 from ddpmlab.checkpoints import load_checkpoint
-from ddpmlab.training import train
-from tests.conftest import compose_config
+from ddpmlab.training import build, build_module, train
+from tests.conftest import ROOT, compose_config
 from tests.test_data import write_cifar10
 
 
@@ -112,3 +116,49 @@ def test_every_preset_trains_a_few_steps_on_cpu(experiment, tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "train/vlb_bpd" in metrics
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and checkpoint["config"]["task_name"] == experiment
+
+
+class CountSampledImages(L.Callback):
+    """How many images this rank puts through the EMA network (only the sample grids use it), written at the
+    end to $SAMPLED_DIR/rank_<global rank>."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.count = 0
+
+        def count(module, args):
+            self.count += args[0].shape[0]
+
+        pl_module.ema_model.register_forward_pre_hook(count)
+
+    def teardown(self, trainer, pl_module, stage):
+        (Path(os.environ["SAMPLED_DIR"]) / f"rank_{trainer.global_rank}").write_text(str(self.count))
+
+
+@pytest.mark.slow
+def test_ddp_records_the_config_once_and_splits_the_grid_into_the_one_process_grid(tmp_path):
+    """trainer.devices=2 over gloo: one config_resolved.yaml and one config tree (rank 0's); each rank samples
+    half of each grid, and rank 0 writes it once, pixel for pixel the grid one process draws from the same EMA."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
+           "SAMPLED_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.accelerator=cpu",
+                           "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run}",
+                           f"+callbacks.count._target_={__name__}.CountSampledImages"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in run.glob("config_resolved*")) == ["config_resolved.yaml"]
+    assert (done.stdout + done.stderr).count("── optim") == 1
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "denoising_final.png", "denoising_step_0000003.png", "final.png", "step_0000003.png"]
+    # 2 grids (step 3, final) x 5 sampling steps x 4 images, half on each rank
+    assert [(tmp_path / f"rank_{r}").read_text() for r in (0, 1)] == ["20", "20"]
+
+    cfg = compose_config("experiment=smoke", output_dir=tmp_path / "one")
+    module = build_module(cfg)
+    module.load_state_dict(load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"])  # the EMA of final.png
+    images, strip = build(cfg.callbacks.sample_grid).sample(module, (4, 1, 28, 28))  # one process: all 4 images
+    torchvision.utils.save_image((images + 1) / 2, tmp_path / "final.png", nrow=2, padding=2)
+    torchvision.utils.save_image((strip.flatten(0, 1) + 1) / 2, tmp_path / "strip.png", nrow=strip.shape[1])
+    for one, ddp in [("final.png", "final.png"), ("strip.png", "denoising_final.png")]:
+        with Image.open(tmp_path / one) as expected, Image.open(run / "samples" / ddp) as written:
+            assert expected.size == written.size and expected.tobytes() == written.tobytes(), ddp

@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 from ddpmlab.diffusion import get_sampler
+from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, Preempted
 from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
 from ddpmlab.progress import in_terminal
@@ -17,7 +18,9 @@ from ddpmlab.progress import in_terminal
 class SampleGrid(L.Callback):
     """Every `every_n_steps` optimizer steps and at the end of training, sample from the EMA weights.
 
-    The grid is drawn from a fixed seed, so grids of successive steps show the same noise turning into images.
+    The grid is drawn from fixed per-image noise (ExampleNoise, seeded with `seed`), so grids of successive steps
+    show the same noise turning into images. Under DDP each rank samples every world_size-th image and rank 0
+    gathers and writes them: the grid one process would draw, in 1 / world_size of the time.
     The default sampler is respaced ancestral sampling over `sampling_steps` of the T steps (Nichol & Dhariwal
     2021, section 4); `sampler=ancestral sampling_steps=null` is the paper's full chain.
 
@@ -38,35 +41,43 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.sampler, self.sampling_steps, self.seed = get_sampler(sampler), sampling_steps, seed
 
-    def sample(self, pl_module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_samples, C, H, W) images in [0, 1] from the EMA weights, and the denoising strip:
-        the first `strip_rows` samples at `strip_columns` points of the chain, (rows * columns, C, H, W)."""
-        data = pl_module.trainer.datamodule
-        shape = (self.num_samples, data.channels, data.image_size, data.image_size)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+    def sample(self, pl_module, shape: tuple[int, ...], rank: int = 0, world_size: int = 1,
+               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One rank's share of a grid of `shape` (num_samples, C, H, W), in [-1, 1]: images rank, rank + world_size,
+        ... as (n, C, H, W), and the denoising strip of those among the first `strip_rows`, (rows, columns, C, H, W).
+        Every rank draws the same n = ceil(num_samples / world_size) images, so they gather evenly."""
+        n = -(-shape[0] // world_size)
+        noise = ExampleNoise(range(rank, rank + n * world_size, world_size), self.seed, pl_module.device)
+        rows = min(n, -(-self.strip_rows // world_size))
         steps = self.sampling_steps or pl_module.diffusion.num_timesteps
         keep = {round(j * (steps - 1) / max(1, self.strip_columns - 1)) for j in range(self.strip_columns)}
         frames = []
 
         def record(i, x):
             if i in keep:
-                frames.append(x[: self.strip_rows].clamp(-1, 1).cpu())
+                frames.append(x[:rows].clamp(-1, 1))
 
-        x = self.sampler(pl_module.ema_model, pl_module.diffusion, shape, generator, steps=self.sampling_steps,
-                         progress=True, on_step=record)
-        strip = torch.stack(frames, 1).flatten(0, 1) if frames else x[:0]  # (rows, columns, ...) -> (rows * columns, ...)
-        return (x + 1.0) / 2.0, (strip + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
+        x = self.sampler(pl_module.ema_model, pl_module.diffusion, (n, *shape[1:]), noise, steps=self.sampling_steps,
+                         progress=progress, on_step=record)
+        return x, torch.stack(frames, 1) if frames else x[:0, None]
 
     def save(self, trainer, pl_module, name: str) -> Path:
-        images, strip = self.sample(pl_module)
-        if not trainer.is_global_zero:
-            return self.dirpath / name
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+        data = trainer.datamodule
+        shape = (self.num_samples, data.channels, data.image_size, data.image_size)
+        images, strip = self.sample(pl_module, shape, trainer.global_rank, trainer.world_size, trainer.is_global_zero)
+        if trainer.world_size > 1:  # (world, n, ...) -> (n * world, ...): image j of rank r is image j * world + r
+            images, strip = (trainer.strategy.all_gather(t).transpose(0, 1).flatten(0, 1) if t.numel() else t
+                             for t in (images, strip))
         path = self.dirpath / name
+        if not trainer.is_global_zero:
+            return path
+        images = (images[: self.num_samples].cpu() + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
+        strip = (strip[: min(self.strip_rows, self.num_samples)].cpu() + 1.0) / 2.0
+        self.dirpath.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(images, path, nrow=max(1, round(self.num_samples**0.5)), padding=2)
         strip_path = self.dirpath / f"denoising_{name}"
-        if len(strip):
-            torchvision.utils.save_image(strip, strip_path, nrow=len(strip) // min(self.strip_rows, len(images)))
+        if len(strip):  # (rows, columns, ...) -> rows of columns
+            torchvision.utils.save_image(strip.flatten(0, 1), strip_path, nrow=strip.shape[1])
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger: the grid and the strip as images, at this step
                 logger.log_image("samples", [str(path)], step=trainer.global_step)

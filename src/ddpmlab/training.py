@@ -1,5 +1,6 @@
 """Build everything a run needs from the composed config, and train."""
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import DiffusionModule
 from ddpmlab.performance import optimize_network, performance_settings
+from ddpmlab.resume import ApplyOptimChanges, check_resume, init_weights
 
 # The EMA copy is in eval mode on purpose (no dropout when sampling from it).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+log = logging.getLogger(__name__)
 
 
 def build(node, **kwargs):
@@ -70,6 +73,29 @@ def print_config_tree(cfg: DictConfig) -> None:
     rich_print(tree)
 
 
+class RunRecord(L.Callback):
+    """What a run records once: config_resolved.yaml in the run folder, and the config tree and resume notes
+    in the log. Under DDP every process runs train(), and only in `setup`, after the strategy has launched
+    them, is the rank known: there global rank 0 alone writes and prints."""
+
+    def __init__(self, cfg: DictConfig, notes: list[str]):
+        self.cfg, self.notes = cfg, notes
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        output_dir = Path(self.cfg.paths.output_dir)
+        saved = output_dir / "config_resolved.yaml"
+        for n in range(1, 10_000):  # a run continued in place keeps the config of each part
+            if not saved.exists():
+                break
+            saved = output_dir / f"config_resolved_{n}.yaml"
+        OmegaConf.save(self.cfg, saved, resolve=True)
+        print_config_tree(self.cfg)
+        for note in self.notes:
+            log.warning(note)
+
+
 def resolve_last(cfg: DictConfig) -> Path:
     """`ckpt_path=last`: the newest checkpoints/last.ckpt among this task's run folders (runs/<task_name>/*)."""
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name
@@ -94,7 +120,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train as `cfg` says; returns the last logged metrics. Raises ConfigError on bad input, before training.
 
     With ckpt_path=last the newest run of this task continues in its own folder (cfg is updated to say so).
+    A resume keeps what defines the training (ddpmlab.resume) unless resume.allow_changes names the key;
+    init_from=PATH starts a new run from a checkpoint's weights.
     """
+    if cfg.ckpt_path is not None and cfg.init_from is not None:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are both set: ckpt_path "
+                          "continues a run, init_from starts a new one from a checkpoint's weights; drop one")
     if cfg.ckpt_path == "last":
         last = resolve_last(cfg)
         with open_dict(cfg):
@@ -106,23 +137,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module = build_module(cfg)
-    if cfg.ckpt_path is not None:
-        check_matches(module, load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)
+    checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else {}
+    changed, notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
+    if checkpoint:
+        check_matches(module, checkpoint, cfg.ckpt_path)
+    if cfg.init_from is not None:
+        init_weights(module, cfg.init_from)
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
 
-    callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
+    if any(key.startswith("optim.") for key in changed):
+        callbacks.append(ApplyOptimChanges())
     loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(output_dir),
                     plugins=[AtomicCheckpointIO()])
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    saved = output_dir / "config_resolved.yaml"
-    for n in range(1, 10_000):  # a run continued in place keeps the config of each part
-        if not saved.exists():
-            break
-        saved = output_dir / f"config_resolved_{n}.yaml"
-    OmegaConf.save(cfg, saved, resolve=True)
-    print_config_tree(cfg)
     for logger in loggers:
         logger.log_hyperparams(module.config)
     try:
