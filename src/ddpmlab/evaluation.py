@@ -172,7 +172,7 @@ def sample_metrics(cfg, train_cfg, data, samples: torch.Tensor, device) -> list[
     reference = data.train_images[: cfg.reference_images] if cfg.reference_images else data.train_images
     start = time.perf_counter()
     rows = fidelity_metrics(samples, reference, list(cfg.metrics), cfg.feature_extractor, weights,
-                            root / "fidelity" / "cache", f"{train_cfg.data.dataset}-{data.image_size}-n{len(reference)}",
+                            root / "fidelity" / "cache", f"{train_cfg.data.dataset}-train",
                             kid_subset_size=cfg.kid_subset_size, device=device)
     for row in rows:
         row["seconds"] = time.perf_counter() - start

