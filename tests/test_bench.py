@@ -9,6 +9,8 @@ import torch
 
 from ddpmlab.bench.measure import count_flops
 from ddpmlab.bench.peer import Peer, unet_config
+from ddpmlab.bench.report import gain, median_interval
+from ddpmlab.bench.run import parse_args, peak_memory
 from ddpmlab.errors import ConfigError
 from ddpmlab.training import build_network
 from tests.conftest import compose_config
@@ -53,9 +55,44 @@ def test_what_the_peer_cannot_match_is_refused(tmp_path):
         Peer(cfg, diffusion, torch.device("cpu"), "32")
 
 
+def test_the_median_interval_is_the_order_statistic_one():
+    """Known inputs: up to 8 values the range (its coverage 1 - 2 / 2^n), from 9 the 2nd to (n-1)th value."""
+    assert median_interval([3.0, 1.0, 2.0, 4.0, 6.0, 5.0]) == (3.5, 1.0, 6.0, 1 - 2 / 2**6)
+    assert median_interval(list(range(1, 9))) == (4.5, 1, 8, 1 - 2 / 2**8)
+    assert median_interval(list(range(1, 10))) == (5, 2, 8, 1 - 2 * 10 / 2**9)
+    median, low, high, coverage = median_interval(list(range(1, 21)))
+    assert (median, low, high) == (10.5, 6, 15) and coverage == pytest.approx(0.9586, abs=1e-4)
+    assert median_interval([1.0, 2.0]) == (1.5, 1.0, 2.0, 0.5)  # too few values for 95%: the range, and it says so
+
+
+@pytest.mark.parametrize("ours, peer, median, interval, verdict", [
+    ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0.9, 1.2, 1.1, 0.95, 1.3, 1.0], 1.05, [0.9, 1.3], "parity"),
+    ([2.0, 2.0, 2.0, 2.0, 2.0, 2.0], [2.2, 2.4, 2.6, 2.8, 3.0, 2.0], 1.25, [1.0, 1.5], "parity"),  # 1.0 is inside
+    ([1.0, 2.0, 1.0, 2.0, 1.0, 2.0], [1.1, 2.4, 1.2, 2.6, 1.5, 2.2], 1.2, [1.1, 1.5], "ddpmlab ahead"),
+    ([4.0, 4.0, 4.0, 4.0, 4.0, 4.0], [3.0, 2.0, 3.6, 2.0, 1.0, 3.0], 0.625, [0.25, 0.9], "diffusers ahead"),
+    ([2.0], [3.0], 1.5, None, "single run"),
+])
+def test_the_gain_points_up_and_calls_an_interval_holding_one_parity(ours, peer, median, interval, verdict):
+    """Lower-is-better raw values (s, MiB) give diffusers / ddpmlab per round: above 1, ddpmlab is ahead."""
+    g = gain({"ddpmlab": ours, "diffusers": peer}, "speed-up")
+    assert g["median"] == pytest.approx(median) and g["verdict"] == verdict and g["rounds"] == len(ours)
+    assert g["interval"] == (None if interval is None else pytest.approx(interval))
+
+
+def test_the_peers_memory_process_holds_no_ddpmlab_network(monkeypatch):
+    """The peer's sampling peak, in its own process, is one CIFAR-10 U-Net (136 MiB of fp32 weights) and a
+    one-image step's work (201 MiB in all, measured), not that plus ddpmlab's network (334 MiB before the fix)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = parse_args(["--preset", "cifar10", "--device", "cpu", "--batch", "1", "--sample-steps", "1"])
+    weights_mib = sum(p.numel() for p in build_network(compose_config("experiment=ddpm_cifar10"))[0].parameters()) \
+        * 4 / 2**20
+    peer_mib = peak_memory("cifar10", "diffusers", "sample", args)
+    assert weights_mib < peer_mib < 2 * weights_mib, (peer_mib, weights_mib)  # one network's weights, not two
+
+
 def bench(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "ddpmlab.bench", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=1200, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
 @pytest.mark.slow
@@ -77,22 +114,60 @@ def test_the_benchmark_runs_both_sides_and_writes_its_table(tmp_path):
     assert len(raw["training_blocks"]["ddpmlab"]) == len(raw["training_blocks"]["diffusers"]) == 2
     for r in rows.values():
         assert r["ddpmlab"] > 0 and r["diffusers"] > 0
-    full = rows["full sampler run (3 steps)"]
-    assert full["ratio"] == pytest.approx(full["ddpmlab"] / full["diffusers"])
-    sampling = raw["sampling_rounds"]  # the ratio is the median of the rounds' paired ratios
+    full = rows["full sampler run (3 steps)"]["gain"]  # every gain points up: diffusers' time / ddpmlab's
+    assert full["median"] == pytest.approx(raw["full_sampler"]["diffusers"][0] / raw["full_sampler"]["ddpmlab"][0])
+    assert full["verdict"] == "single run" and full["interval"] is None
+    sampling = raw["sampling_rounds"]  # the gain is the median of the rounds' paired ratios, with their range
     paired = sorted(p / o for o, p in zip(sampling["ddpmlab"], sampling["diffusers"]))
-    assert rows["sampling throughput"]["ratio"] == pytest.approx(sum(paired) / 2)
+    assert rows["sampling throughput"]["gain"]["median"] == pytest.approx(sum(paired) / 2)
+    assert rows["sampling throughput"]["gain"]["interval"] == pytest.approx(paired)
+    memory = preset["raw_mib"]["sampling"]  # peak memory: 2 processes per side, the saving diffusers / ddpmlab
+    saving = sorted(p / o for o, p in zip(memory["ddpmlab"], memory["diffusers"]))
+    assert rows["sampling peak memory"]["gain"]["interval"] == pytest.approx(saving)
+    assert all(r["gain"]["kind"] == "memory saving" for m, r in rows.items() if "memory" in m)
     assert rows["training compute"]["ddpmlab"] == pytest.approx(
         rows["training throughput"]["ddpmlab"] * preset["train_gflop_per_image"] / 1e3)
     table = out.with_suffix(".md").read_text()
     assert all(f"| fashion_mnist | {metric} |" in table for metric in rows)
     assert "| fashion_mnist | training throughput |" in done.stdout
+    assert "| ddpmlab's gain (higher is better) | interval | verdict |" in table and "(paired)" not in table
+
+
+def test_stored_results_are_recomputed_from_their_raw_numbers(tmp_path):
+    """`--recompute` rebuilds the table of an older results file (its ddpmlab / diffusers ratios) from the raw
+    rounds: gains pointing up with their interval and verdict; a row without raw numbers leaves the table but
+    stays in the file."""
+    old = {"command": "python -m ddpmlab.bench", "date": "2026-11-29T10:18:25+00:00", "device": "cpu", "threads": 2,
+           "versions": {"torch": torch.__version__}, "presets": {"tiny": {
+               "rows": [{"metric": "sampling throughput", "unit": "images x steps/s", "ddpmlab": 10.0,
+                         "diffusers": 10.0, "ratio": 1.05, "better": "higher", "note": ""},
+                        {"metric": "full sampler run (100 steps)", "unit": "s", "ddpmlab": 7.0, "diffusers": 9.8,
+                         "ratio": 0.71, "better": "lower", "note": ""},
+                        {"metric": "sampling peak memory", "unit": "MiB", "ddpmlab": 348.0, "diffusers": 594.0,
+                         "ratio": 0.59, "better": "lower", "note": ""}],
+               "raw_seconds": {"sampling_rounds": {"ddpmlab": [1.0] * 6, "diffusers": [0.9, 1.2, 1.1, 0.95, 1.3, 1.0]},
+                               "full_sampler": {"ddpmlab": [7.0], "diffusers": [9.8]}}}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    done = bench(tmp_path, "--recompute", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = ("| tiny | sampling throughput | images x steps/s | 10 | 10 | higher | 1.05x speed-up | 0.90-1.30 (97%) "
+            "| parity |")
+    assert line in done.stdout and line in path.with_suffix(".md").read_text()
+    assert "| full sampler run (100 steps) | s | 7 | 9.8 | lower | 1.40x speed-up | - | single run |" in done.stdout
+    new = json.loads(path.read_text())
+    rows = new["presets"]["tiny"]["rows"]
+    assert [r["metric"] for r in rows] == ["sampling throughput", "full sampler run (100 steps)"]
+    assert all("ratio" not in r for r in rows) and rows[1]["gain"]["median"] == pytest.approx(1.4)
+    assert new["recomputed"]["dropped_rows"] == {"tiny": [old["presets"]["tiny"]["rows"][2]]}
+    assert new["presets"]["tiny"]["raw_seconds"] == old["presets"]["tiny"]["raw_seconds"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--batch", "0"], "error: --batch must be at least 1"),
     (["--preset", "fashion_mnist", "--", "model=nope"], "error: the overrides ['model=nope'] do not compose"),
     (["--preset", "imagenet"], "error: argument --preset: invalid choice"),
+    (["--recompute", "missing.json"], "error: --recompute missing.json: not a readable results JSON"),
 ])
 def test_bad_benchmark_arguments_fail_in_one_line(args, message, tmp_path):
     done = bench(tmp_path, "--out", str(tmp_path / "x.json"), *args)

@@ -18,7 +18,7 @@ from ddpmlab.bench.measure import PeakMemory
 from ddpmlab.bench.peer import Peer, import_diffusers
 from ddpmlab.bench.run import fit, preset_config, sampler
 from ddpmlab.performance import optimize_network, performance_settings
-from ddpmlab.training import build_module, build_network
+from ddpmlab.training import build, build_module, build_network
 
 
 def measure(job: dict) -> int:
@@ -46,7 +46,7 @@ def run_side(job: dict, cfg, args: argparse.Namespace, shape: tuple[int, ...]) -
         with autocast:
             sampler(network, diffusion.to(device), shape, args)(job["sample_steps"])
     else:
-        _, diffusion = build_network(cfg)  # only for the diffusion: the network is dropped at once
+        diffusion = build(cfg.diffusion)  # the diffusion alone: no ddpmlab network in the peer's measurement
         peer = Peer(cfg, diffusion, device, args.precision, training=job["phase"] == "train",
                     channels_last=job["peer_channels_last"])
         if job["phase"] == "train":

@@ -5,8 +5,8 @@
     python -m ddpmlab.bench --preset cifar10 -- performance.channels_last=false   # ddpmlab config overrides
 
 Each measurement alternates the two in rounds (ddpmlab then diffusers in even rounds, diffusers first in odd
-ones), so drift of a shared machine falls on both. The table gives each side's median throughput and, as the
-ratio, the median over rounds of the paired ratio (the two sides' times in the same round).
+ones), so drift of a shared machine falls on both. The table gives each side's median and ddpmlab's gain over
+diffusers with its interval over rounds (report.py). Peak memory: --rounds processes per side, alternating.
 ddpmlab trains through its real path (Lightning Trainer.fit of the DiffusionModule built from the preset's
 config: loss, clipping, fused Adam, EMA, logging); the peer's steps run inside that fit, between ddpmlab's
 blocks of steps, on ddpmlab's batches (the block's own when it goes second, the previous block's when it goes
@@ -33,6 +33,7 @@ from omegaconf import DictConfig, open_dict
 
 from ddpmlab.bench.measure import bf16_peak, count_flops, describe, synchronize, timed
 from ddpmlab.bench.peer import Peer, import_diffusers
+from ddpmlab.bench.report import SIDES, add_gains, table
 from ddpmlab.data import to_uint8
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.diffusion.samplers import get_sampler
@@ -42,7 +43,6 @@ from ddpmlab.progress import track
 from ddpmlab.training import build, build_module
 
 ROOT = Path(__file__).resolve().parents[3]
-SIDES = ("ddpmlab", "diffusers")
 PRESETS = {"cifar10": ["experiment=ddpm_cifar10"], "fashion_mnist": []}  # the default run is Fashion-MNIST's
 
 
@@ -65,6 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--full-steps", type=int, help="steps of the full sampler run (default T; 100 on a CPU)")
     parser.add_argument("--nll-terms", type=int, default=10, help="terms of the T-term bound timed per round")
     parser.add_argument("--peer-channels-last", action="store_true", help="give diffusers the NHWC format too")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak-memory rows (unlike the timings, not sensitive to a busy machine)")
+    parser.add_argument("--recompute", type=Path, metavar="FILE.json",
+                        help="measure nothing: rebuild the table of stored results from their raw numbers, in place")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<device>-<precision>.json)")
     parser.add_argument("overrides", nargs="*", help="ddpmlab config overrides for both presets, after --")
     args = parser.parse_args(argv)
@@ -173,6 +177,21 @@ def peak_memory(preset: str, side: str, phase: str, args: argparse.Namespace) ->
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"] / 2.0**20
 
 
+def memory_rows(preset: str, args: argparse.Namespace) -> dict:
+    """The peak-memory rows of one preset: args.rounds processes per side and phase, the sides in ABBA order."""
+    raw = {"training": {"ddpmlab": [], "diffusers": []}, "sampling": {"ddpmlab": [], "diffusers": []}}
+    for (phase, runs), job_phase in zip(raw.items(), ("train", "sample")):
+        for r in track(range(args.rounds), total=args.rounds, desc=f"{preset}: {phase} peak memory"):
+            for side in SIDES if r % 2 == 0 else reversed(SIDES):
+                runs[side].append(peak_memory(preset, side, job_phase, args))
+    med = statistics.median
+    return {"rows": [
+        row("training peak memory", "MiB", med(raw["training"]["ddpmlab"]), med(raw["training"]["diffusers"]),
+            False, "3 steps in a process of their own: weights, gradients, Adam, EMA, activations (RSS on a CPU)"),
+        row("sampling peak memory", "MiB", med(raw["sampling"]["ddpmlab"]), med(raw["sampling"]["diffusers"]),
+            False, "one network sampling, in a process of its own")], "raw_mib": raw}
+
+
 def alternate_rounds(args, desc: str, ours, peer) -> dict[str, list[float]]:
     """`ours()` and `peer()` timed in args.rounds rounds, in ABBA order, after one untimed call of each."""
     times = {"ddpmlab": [], "diffusers": []}
@@ -185,21 +204,17 @@ def alternate_rounds(args, desc: str, ours, peer) -> dict[str, list[float]]:
     return times
 
 
-def row(metric: str, unit: str, ours: float, peer: float, higher_is_better: bool, note: str = "",
-        ratio: float | None = None) -> dict:
-    """One table row; `ratio` (ddpmlab / diffusers) defaults to ours / peer."""
+def row(metric: str, unit: str, ours: float, peer: float, higher_is_better: bool, note: str = "") -> dict:
+    """One table row; its gain over rounds is added from the raw series (report.add_gains)."""
     return {"metric": metric, "unit": unit, "ddpmlab": ours, "diffusers": peer,
-            "ratio": ours / peer if ratio is None else ratio, "better": "higher" if higher_is_better else "lower",
-            "note": note}
+            "better": "higher" if higher_is_better else "lower", "note": note}
 
 
 def throughput_row(metric: str, unit: str, work: float, times: dict[str, list[float]], note: str) -> dict:
-    """Throughput = work / median time. The ratio is the median over rounds of peer time / ddpmlab time, not
-    the ratio of the two medians: a machine that slows down for a while slows both sides of a round and leaves
-    that round's ratio alone."""
+    """Throughput = work / median time (the gain pairs the rounds: a machine that slows down for a while slows
+    both sides of a round and leaves that round's ratio alone)."""
     med = statistics.median
-    paired = med(p / o for o, p in zip(times["ddpmlab"], times["diffusers"]))
-    return row(metric, unit, work / med(times["ddpmlab"]), work / med(times["diffusers"]), True, note, paired)
+    return row(metric, unit, work / med(times["ddpmlab"]), work / med(times["diffusers"]), True, note)
 
 
 def bench_preset(preset: str, args: argparse.Namespace) -> dict:
@@ -261,14 +276,10 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     rows = [
         throughput_row("training throughput", "images/s", batch * args.block, training.times,
                        "full optimizer step: loss, backward, clipping, Adam, EMA"),
-        row("training peak memory", "MiB", *(peak_memory(preset, side, "train", args) for side in SIDES), False,
-            "3 steps in a process of their own: weights, gradients, Adam, EMA, activations (RSS on a CPU)"),
         throughput_row("sampling throughput", "images x steps/s", batch * args.sample_steps, sampling,
                        f"{args.sample_steps} ancestral steps per round, one network evaluation each"),
         row(f"full sampler run ({full_steps} steps)", "s", full["ddpmlab"][0], full["diffusers"][0], False,
             f"{batch} images, one run each"),
-        row("sampling peak memory", "MiB", *(peak_memory(preset, side, "sample", args) for side in SIDES), False,
-            "one network sampling, in a process of its own"),
         throughput_row("NLL throughput", "images/s", batch / (T / len(terms)), nll,
                        f"the full {T}-term bound, timed over {len(terms)} terms; diffusers' network in "
                        "ddpmlab's bound (diffusers has none)"),
@@ -276,39 +287,24 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     train = {side: rows[0][side] for side in SIDES}
     achieved = {side: train[side] * train_flops for side in SIDES}
     rows.append(row("training compute", "TFLOP/s", achieved["ddpmlab"] / 1e12, achieved["diffusers"] / 1e12, True,
-                    f"{train_flops / 1e9:.2f} GFLOP per image (forward + backward, torch.utils.flop_counter)",
-                    rows[0]["ratio"]))
+                    f"{train_flops / 1e9:.2f} GFLOP per image (forward + backward, torch.utils.flop_counter)"))
     peak = bf16_peak(device)
     if peak and args.precision == "bf16":
         rows.append(row("model FLOP utilisation", "%", 100 * achieved["ddpmlab"] / peak,
-                        100 * achieved["diffusers"] / peak, True, f"against the {peak / 1e12:.0f} TFLOP/s bf16 peak",
-                        rows[0]["ratio"]))
+                        100 * achieved["diffusers"] / peak, True, f"against the {peak / 1e12:.0f} TFLOP/s bf16 peak"))
+    memory = memory_rows(preset, args)
     return {"parameters": params, "train_gflop_per_image": train_flops / 1e9,
             "sample_gflop_per_image": sample_flops / 1e9, "full_sampler_steps": full_steps,
-            "nll_terms_timed": len(terms), "rows": rows,
+            "nll_terms_timed": len(terms), "rows": rows + memory["rows"],
             "raw_seconds": {"training_blocks": training.times, "sampling_rounds": sampling,
-                            "full_sampler": full, "nll_rounds": nll}}
-
-
-def table(results: dict) -> str:
-    """The results as a Markdown table, one row per metric, with the ratio ddpmlab / diffusers, then the notes."""
-    lines = ["| preset | metric | unit | ddpmlab | diffusers | ddpmlab / diffusers (paired) | better |",
-             "|---|---|---|---:|---:|---:|---|"]
-    notes = {}
-    for preset, result in results["presets"].items():
-        for r in result["rows"]:
-            lines.append(f"| {preset} | {r['metric']} | {r['unit']} | {r['ddpmlab']:.4g} | {r['diffusers']:.4g} | "
-                         f"{r['ratio']:.2f}x | {r['better']} |")
-            notes.setdefault(r["metric"].split(" (")[0], r["note"])
-    lines += ["", "- ddpmlab / diffusers (paired): for throughputs, the median over rounds of the two sides' time "
-              "ratio in the same round (a drifting machine slows both); otherwise ddpmlab's value / diffusers'"]
-    lines += [f"- {metric}: {note}" for metric, note in notes.items() if note]
-    return "\n".join(lines)
+                            "full_sampler": full, "nll_rounds": nll}, "raw_mib": memory["raw_mib"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.recompute:
+        return recompute(args.recompute)
     diffusers = import_diffusers()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on both
@@ -319,20 +315,51 @@ def main(argv: list[str] | None = None) -> int:
         "device": describe(args.device), "threads": torch.get_num_threads(), "precision": args.precision,
         "batch": args.batch, "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
         "sample_steps": args.sample_steps, "peer_channels_last": args.peer_channels_last,
-        "overrides": list(args.overrides),
+        "overrides": list(args.overrides), "memory_only": args.memory_only,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "lightning": L.__version__,
                      "python": platform.python_version()},
         "presets": {},
     }
     for preset in presets:
-        results["presets"][preset] = bench_preset(preset, args)
+        results["presets"][preset] = memory_rows(preset, args) if args.memory_only else bench_preset(preset, args)
+        add_gains(results["presets"][preset])
+    write(results, args.out)
+    return 0
+
+
+def recompute(path: Path) -> int:
+    """Stored results' table rebuilt from their raw numbers with today's statistic; rows without raw numbers are
+    dropped from the table and kept, as they were, under "recomputed"."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--recompute {path}: not a readable results JSON ({err}): give one the benchmark wrote")
+    dropped = results.get("recomputed", {}).get("dropped_rows", {})  # an earlier recomputation's, kept
+    for preset, result in results["presets"].items():
+        before = {r["metric"]: dict(r) for r in result["rows"]}
+        dropped.setdefault(preset, []).extend(before[metric] for metric in add_gains(result))
+    results["recomputed"] = {"command": f"python -m ddpmlab.bench --recompute {path}",
+                             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "dropped_rows": {preset: rows for preset, rows in dropped.items() if rows}}
+    write(results, path)
+    return 0
+
+
+def write(results: dict, out: Path) -> None:
+    """The JSON (raw numbers included) and the table as Markdown beside it; the table printed."""
     text = table(results)
     print(text)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(f"`{results['command']}`\n\n{results['device']}, {results['threads']} "
-                                           f"threads, torch {torch.__version__}, {results['date']}\n\n{text}\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    return 0
+    header = (f"`{results['command']}`\n\n{results['device']}, {results['threads']} threads, "
+              f"torch {results['versions']['torch']}, {results['date']}\n\n")
+    if "recomputed" in results:
+        dropped = [f"{preset} {r['metric']}" for preset, rows in results["recomputed"]["dropped_rows"].items()
+                   for r in rows]
+        header += f"Table recomputed from the raw numbers: `{results['recomputed']['command']}`, " \
+                  f"{results['recomputed']['date']}. Rows without raw numbers, left out (kept in the JSON under " \
+                  f"recomputed.dropped_rows): {', '.join(dropped) or 'none'}\n\n"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(f"{header}{text}\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def cli() -> None:
