@@ -89,7 +89,12 @@ def test_unreadable_image_and_mismatched_checkpoint_are_refused_and_nothing_is_o
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
 
-    mismatched = run_train(str(ROOT / "train.py"), "experiment=smoke", "model.ch=64", f"ckpt_path={last}",
+    # Resuming with another model is refused by the stored-config check, naming the key;
+    # starting afresh from those weights (init_from) by the weights' own shapes.
+    resumed = run_train(str(ROOT / "train.py"), "experiment=smoke", "model.ch=64", f"ckpt_path={last}",
+                        f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path)
+    assert resumed.returncode == 2 and "model.ch" in error_line(resumed), resumed.stderr[-2000:]
+    mismatched = run_train(str(ROOT / "train.py"), "experiment=smoke", "model.ch=64", f"init_from={last}",
                            f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path)
     assert mismatched.returncode == 2 and "does not match the model" in error_line(mismatched)
 
