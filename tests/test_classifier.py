@@ -66,3 +66,16 @@ def test_fashion_mnist_classifier_trains_with_flips_and_replaces_one_without_a_r
     _, saved = load_classifier(path)
     assert saved["recipe"]["flip"] is True and saved["recipe"]["epochs"] == EPOCHS
     assert true_class_probability(path, "fashion_mnist", tmp_path) < 0.65  # flipped, the two classes look alike
+
+
+def test_a_split_smaller_than_one_batch_trains_and_bad_epochs_are_one_line(tmp_path):
+    write_mirror_classes(tmp_path / "MNIST" / "raw", n_train=40, n_test=16)  # under the batch of 128
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "ddpmlab.models.classifier", "--dataset", "mnist", "--root", str(tmp_path)]
+    result = subprocess.run(command + ["--epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_classifier(classifier_path(tmp_path, "mnist", 28))[1]["recipe"]["batch_size"] == 40
+    for bad in (["--epochs", "0"], ["--root", str(tmp_path / "missing")]):
+        result = subprocess.run(command + bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -9,6 +9,7 @@ it once and caches it next to the data, with its recipe and test accuracy.
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ddpmlab.data import READERS, labels_of, to_model_range
+from ddpmlab.errors import ConfigError
 
 EPOCHS = 3
 # Train with random horizontal flips only where a mirrored image is still a sample of the dataset (as Ho et al.
@@ -59,8 +61,13 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Te
                      out: Path, flip: bool, epochs: int = EPOCHS, batch_size: int = 128, seed: int = 0) -> float:
     """Train on uint8 (N, C, S, S) images, with random flips if `flip`; save it and its recipe to `out` atomically.
 
-    Returns the test accuracy.
+    Returns the test accuracy. A split smaller than `batch_size` trains in one batch of all its images per step
+    (the recipe records the batch size used).
     """
+    if len(train_images) == 0 or epochs < 1:
+        raise ConfigError(f"the classifier needs training images and epochs >= 1 (got {len(train_images)} images, "
+                          f"epochs={epochs}): check the data root and --epochs")
+    batch_size = min(batch_size, len(train_images))
     torch.manual_seed(seed)
     model = Classifier(train_images.shape[1], int(train_labels.max()) + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -133,11 +140,17 @@ def main() -> None:
     parser.add_argument("--root", default="data", help="the data root (data.root)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: the classifier trains for at least 1 epoch")
     image_size = 32 if args.dataset == "cifar10" else 28
     path = classifier_path(args.root, args.dataset, image_size)
-    accuracy = train_classifier(*labelled_split(args.dataset, args.root, True),
-                                *labelled_split(args.dataset, args.root, False), path, flip=FLIP[args.dataset],
-                                epochs=args.epochs)
+    try:
+        accuracy = train_classifier(*labelled_split(args.dataset, args.root, True),
+                                    *labelled_split(args.dataset, args.root, False), path, flip=FLIP[args.dataset],
+                                    epochs=args.epochs)
+    except ConfigError as err:  # missing data or an empty split: one line, exit 2 (bad input)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"{args.dataset} classifier: test accuracy {accuracy:.4f}, saved to {path}")
 
 
