@@ -1,0 +1,470 @@
+"""The rules of every config key a user may set (type, range, choices, null), checked before anything is built.
+
+The YAML files under conf/ stay the only home of defaults: this file holds rules, never values to use.
+train.py and evaluate.py call `check(cfg, TRAIN)` / `check(cfg, EVAL)` before torch is even imported (a bad
+value exits in about a second), then `check_machine(cfg)`: the precision, accelerator and device count this
+machine has. A failure is one line, `key must be <rule>, got <value>: <fix>` (ConfigError, exit code 2).
+
+ADDING A KEY: one line in TRAIN (conf/config.yaml and its groups) or EVAL (conf/eval.yaml), in its group's block:
+
+    "data.batch_size": integer(1),                        an int >= 1 (a count: 0 is refused, never "all")
+    "val.every_n_steps": integer(1, null=True),            ... or null
+    "optim.lr": number(0, above=True),                     an int or float > 0 (above/below: open bounds)
+    "optim.ema_decay": number(0, 1, below=True),           in [0, 1)
+    "diffusion.prediction": choice("eps", "x0", "v"),
+    "optim.fused": flag(),                                 true or false
+    "data.root": path(),   "task_name": text(),            a string (path(): a folder or file name)
+    "optim.adam_betas": list_of(number(0, 1, below=True), length=2),
+    "trainer.devices": either(integer(1), choice("auto")),
+    "diffusion.betas": alias("${schedule}"),               must stay this interpolation
+    fix="..." on any rule replaces the default hint (the YAML's own value for the key, e.g. "schedule.timesteps=1000").
+
+`*` in a key stands for one level (`logger.*._target_`). A key with no rule is refused at run time, except below
+`trainer.`, `callbacks.` and `logger.`, whose extra keys (Lightning's own arguments) go to their class, which
+checks them (its error is one line naming the key: ddpmlab.cli). Every key the YAML files compose must have a
+rule: tests/test_config_schema.py::test_every_composed_key_has_a_rule fails otherwise, and its generated sweep
+tries a value of the wrong type and one out of range for each, as processes.
+
+Rules between keys: a function `(cfg) -> None` raising `problem(key, value, rule, fix)`, listed in
+TRAIN_CROSS or EVAL_CROSS.
+"""
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from ddpmlab.errors import ConfigError
+
+OPEN = ("trainer.", "callbacks.", "logger.")  # extra keys go to Lightning's classes, which check them
+SAMPLERS = ("ancestral", "respaced", "ddim", "dpm_solver")  # ddpmlab.diffusion.samplers.SAMPLERS (tested equal)
+METRICS = ("nll", "nll_estimate", "fid", "is", "kid")  # ddpmlab.evaluation.METRICS (tested equal)
+# Training images of the built-in datasets: a batch larger than its dataset is refused (the sampler would
+# silently shrink it to the dataset).
+DATASET_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", 64, 32, 16, "64", "32", "16",
+              "bf16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value may be: `test(value)` for a value that is not null, `text` says it in words."""
+
+    test: Callable[[object], bool]
+    text: str
+    null: bool = False
+    fix: str = ""
+    choices: tuple = ()
+
+    def accepts(self, value) -> bool:
+        return self.null if value is None else self.test(value)
+
+    def words(self) -> str:
+        return f"{self.text} or null" if self.null else self.text
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None, null: bool = False, fix: str = "") -> Rule:
+    text = ("an integer" if lo is None and hi is None else "a positive integer" if (lo, hi) == (1, None)
+            else f"an integer >= {lo}" if hi is None else f"an integer <= {hi}" if lo is None
+            else f"an integer in [{lo}, {hi}]")
+    return Rule(lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), text, null, fix)
+
+
+def number(lo: float | None = None, hi: float | None = None, above: bool = False, below: bool = False,
+           null: bool = False, fix: str = "") -> Rule:
+    """A finite int or float in the interval from lo to hi; `above`/`below`: lo/hi themselves excluded."""
+    if lo is not None and hi is not None:
+        text = f"in {'(' if above else '['}{lo:g}, {hi:g}{')' if below else ']'}"
+    elif lo is not None:
+        text = "a positive number" if (lo, above) == (0, True) else f"a number {'>' if above else '>='} {lo:g}"
+    else:
+        text = "a number" if hi is None else f"a number {'<' if below else '<='} {hi:g}"
+
+    def test(v) -> bool:
+        return _is_number(v) and (lo is None or (v > lo if above else v >= lo)) and (
+            hi is None or (v < hi if below else v <= hi))
+
+    return Rule(test, text, null, fix)
+
+
+def flag(null: bool = False, fix: str = "") -> Rule:
+    return Rule(lambda v: isinstance(v, bool), "true or false", null, fix)
+
+
+def choice(*options, null: bool = False, fix: str = "") -> Rule:
+    return Rule(lambda v: not isinstance(v, bool) and v in options, f"one of {', '.join(map(str, options))}", null,
+                fix, options)
+
+
+def text(null: bool = False, fix: str = "") -> Rule:
+    return Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string", null, fix)
+
+
+def path(null: bool = False, fix: str = "") -> Rule:
+    return Rule(lambda v: isinstance(v, str) and v != "", "a path (a string; quote a number: '5')", null, fix)
+
+
+def list_of(item: Rule, length: int | None = None, min_length: int = 0, null: bool = False, fix: str = "") -> Rule:
+    size = f"{length} values" if length is not None else "one or more values" if min_length else "values"
+
+    def test(v) -> bool:
+        return (isinstance(v, (list, tuple)) and all(item.accepts(x) and x is not None for x in v)
+                and (length is None or len(v) == length) and len(v) >= min_length)
+
+    return Rule(test, f"a list of {size}, each {item.text}", null, fix)
+
+
+def either(*rules: Rule, null: bool = False, fix: str = "") -> Rule:
+    return Rule(lambda v: any(r.test(v) for r in rules), " or ".join(r.text for r in rules), null, fix)
+
+
+def alias(interpolation: str) -> Rule:
+    """The key must stay the interpolation (checked on the unresolved value): its value is set at the source."""
+    source = interpolation.strip("${}")
+    return Rule(lambda v: v == interpolation, interpolation, fix=f"set {source} instead; this key follows it")
+
+
+# The keys of train.py's config (conf/config.yaml and every group option). One line per key.
+TRAIN: dict[str, Rule] = {
+    "task_name": text(),
+    "seed": integer(0),
+    "ckpt_path": path(null=True),
+    "init_from": path(null=True),
+    "resume.allow_changes": list_of(text(), fix="name keys as a list, e.g. resume.allow_changes=[optim.lr]"),
+    "optimized_metric": text(null=True),
+    # optim: DiffusionModule's arguments
+    "optim.lr": number(0, above=True, fix="the paper uses optim.lr=2e-4"),
+    "optim.warmup_steps": integer(0),
+    "optim.ema_decay": number(0, 1, below=True, fix="the paper uses 0.9999"),
+    "optim.ema_warmup": flag(),
+    "optim.adam_betas": list_of(number(0, 1, below=True), length=2),
+    "optim.weight_decay": number(0),
+    "optim.on_nonfinite": choice("stop", "skip"),
+    "optim.fused": flag(),
+    "performance.channels_last": either(flag(), choice("auto")),
+    "performance.compile": flag(),
+    # val/bpd during training (ddpmlab.callbacks.ValidationBound)
+    "val.num_images": integer(0, fix="0 turns val/bpd off"),
+    "val.timesteps": integer(1),
+    "val.every_n_steps": integer(1, null=True, fix="null: at the end of training only"),
+    "val.batch_size": integer(1),
+    "val.seed": integer(0),
+    # data: DiffusionDataModule
+    "data._target_": text(),
+    "data.dataset": choice("fashion_mnist", "mnist", "cifar10", "image_folder", "shards"),
+    "data.root": path(),
+    "data.path": path(fix="the folder `python -m ddpmlab.prepare` wrote"),
+    "data.image_size": integer(1),
+    "data.channels": choice(1, 3),
+    "data.batch_size": integer(1),
+    "data.num_workers": integer(0, os.cpu_count() or 1),
+    "data.random_flip": flag(),
+    "data.download": flag(),
+    "data.verify_checksums": flag(),
+    "data.seed": integer(0),
+    "data.test_fraction": number(0, 1, below=True, fix="0.1 holds out a tenth"),
+    "data.split_seed": integer(0),
+    "data.background": text(null=True, fix="a colour name (white), #rrggbb, or null to refuse transparency"),
+    # model: the U-Net (its shape rules between keys: UNet._validate, at build time, before any file)
+    "model._target_": text(),
+    "model.image_size": integer(1),
+    "model.in_channels": integer(1),
+    "model.ch": integer(1),
+    "model.ch_mult": list_of(integer(1), min_length=1),
+    "model.num_res_blocks": integer(1),
+    "model.attn_resolutions": list_of(integer(1)),
+    "model.dropout": number(0, 1, below=True),
+    "model.norm_groups": integer(1),
+    "model.num_heads": integer(1),
+    "model.scale_shift_norm": flag(),
+    "model.norm_eps": number(0, above=True),
+    "model.downsample_padding": choice("symmetric", "same"),
+    "model.flip_sin_to_cos": flag(),
+    "model.freq_shift": number(),
+    # schedule: one of ddpmlab.diffusion.schedules' functions
+    "schedule._target_": text(),
+    "schedule.timesteps": integer(1, fix="set schedule.timesteps=1000 (the DDPM paper's T)"),
+    "schedule.beta_start": number(0, 1, above=True, below=True),
+    "schedule.beta_end": number(0, 1, above=True, below=True),
+    "schedule.s": number(0),
+    "schedule.max_beta": number(0, 1, above=True, below=True),
+    "schedule.start": number(),
+    "schedule.end": number(),
+    "schedule.tau": number(0, above=True),
+    # diffusion: GaussianDiffusion
+    "diffusion._target_": text(),
+    "diffusion.betas": alias("${schedule}"),
+    "diffusion.prediction": choice("eps", "x0", "v"),
+    "diffusion.variance": choice("fixed_large", "fixed_small", "learned", "learned_range"),
+    "diffusion.loss": choice("simple", "vlb", "hybrid"),
+    "diffusion.vlb_weight": number(0, above=True),
+    "diffusion.loss_weighting": choice("none", "min_snr"),
+    "diffusion.min_snr_gamma": number(0, above=True),
+    "timestep_sampler._target_": text(),
+    "timestep_sampler.history": integer(1),
+    "timestep_sampler.uniform_prob": number(0, 1),
+    # trainer: Lightning's Trainer (other Trainer arguments go through to it)
+    "trainer._target_": text(),
+    "trainer.accelerator": choice(*ACCELERATORS),
+    "trainer.devices": either(integer(1), choice("auto"), list_of(integer(0), min_length=1)),
+    "trainer.num_nodes": integer(1),
+    "trainer.strategy": text(),
+    "trainer.strategy._target_": text(),
+    "trainer.strategy.gradient_as_bucket_view": flag(),
+    "trainer.strategy.static_graph": flag(),
+    "trainer.precision": choice(*PRECISIONS),
+    "trainer.max_steps": either(integer(1), choice(-1), fix="-1: no limit, with trainer.max_epochs set"),
+    "trainer.max_epochs": either(integer(1), choice(-1), fix="-1: no limit, with trainer.max_steps set"),
+    "trainer.gradient_clip_val": number(0, above=True, null=True, fix="null: no clipping"),
+    "trainer.gradient_clip_algorithm": choice("norm", "value", null=True),
+    "trainer.accumulate_grad_batches": integer(1),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.limit_val_batches": either(integer(0), number(0, 1)),
+    "trainer.num_sanity_val_steps": integer(-1),
+    "trainer.deterministic": either(flag(), choice("warn")),
+    "trainer.use_distributed_sampler": flag(),
+    # callbacks (each may be null: callbacks.sample_grid=null)
+    "callbacks.*._target_": text(),
+    "callbacks.*.dirpath": path(),
+    "callbacks.checkpoint.every_n_train_steps": integer(1, null=True, fix="null: only last.ckpt at the end"),
+    "callbacks.checkpoint.save_top_k": integer(-1),
+    "callbacks.checkpoint.save_last": flag(),
+    "callbacks.checkpoint.enable_version_counter": flag(),
+    "callbacks.sample_grid.every_n_steps": integer(0, fix="0: the final grid only"),
+    "callbacks.sample_grid.num_samples": integer(1),
+    "callbacks.sample_grid.sampler": choice(*SAMPLERS),
+    "callbacks.sample_grid.sampling_steps": integer(1, null=True, fix="null: all T steps"),
+    "callbacks.sample_grid.seed": integer(0),
+    "callbacks.lr_monitor.logging_interval": choice("step", "epoch", null=True),
+    "callbacks.last_checkpoint.check_every_n_steps": integer(1),
+    "callbacks.progress_bar.refresh_rate": integer(1),
+    # loggers (logger=null: none)
+    "logger.*._target_": text(),
+    "logger.*.save_dir": path(),
+    "logger.*.name": text(),
+    "logger.csv.version": either(text(), integer(0), choice(""), null=True),
+    "logger.wandb.project": text(),
+    "logger.wandb.tags": list_of(text()),
+    "logger.wandb.group": text(null=True),
+    "logger.wandb.log_model": either(flag(), choice("all")),
+    "logger.wandb.offline": flag(null=True),
+    "paths.root_dir": path(),
+    "paths.data_dir": path(),
+    "paths.log_dir": path(),
+    "paths.output_dir": path(),
+}
+
+# The keys of evaluate.py's config (conf/eval.yaml); the model, diffusion and data come from the checkpoint.
+EVAL: dict[str, Rule] = {
+    **{key: rule for key, rule in TRAIN.items() if key.startswith(("paths.", "logger.", "performance."))},
+    "task_name": text(),
+    "ckpt": path(fix="pass ckpt=runs/<task>/<run>/checkpoints/last.ckpt"),
+    "use_ema": flag(),
+    "metrics": list_of(choice(*METRICS), min_length=1),
+    "seed": integer(0),
+    "batch_size": integer(1),
+    "data_root": path(null=True),
+    "num_samples": integer(1),
+    "sampler": either(choice(*SAMPLERS), list_of(choice(*SAMPLERS), min_length=1)),
+    "sampling_steps": either(integer(1), list_of(integer(1), min_length=1), null=True, fix="null: all T steps"),
+    "eta": number(0, 1, fix="0: deterministic DDIM, 1: DDPM's stochasticity"),
+    "nll.num_images": integer(1, null=True, fix="null: the whole test split"),
+    "nll.clip_denoised": flag(),
+    "nll_estimate.num_images": integer(1, null=True, fix="null: the whole test split"),
+    "nll_estimate.timesteps": integer(1, fix="K = 10 draws per image is the README's setting"),
+    "feature_extractor": choice("inception", "classifier"),
+    "inception_weights": path(fix="auto, fid-helper, download or a .pth path"),
+    "kid_subset_size": integer(2),
+    "reference_images": either(integer(1), choice("auto"), null=True,
+                               fix="auto: all on a GPU, cpu_reference_images on a CPU; null: the whole split"),
+    "cpu_reference_images": integer(1),
+    "trainer.accelerator": TRAIN["trainer.accelerator"],
+    "trainer.devices": either(integer(1), choice("auto")),
+}
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "???"
+
+
+MISSING = _Missing()
+
+
+def problem(key: str, value, rule: Rule | str, fix: str = "") -> ConfigError:
+    """The one-line error for `key`: its value, the rule it breaks and the fix."""
+    if value is MISSING:
+        return ConfigError(f"{key} is required and has no value: {fix or f'set {key}=...'}")
+    if isinstance(rule, Rule) and rule.choices and value is not None and not isinstance(value, (list, dict)):
+        return ConfigError(f"{key}={value!r} is unknown: choose one of {', '.join(map(str, rule.choices))}"
+                           + (f" ({fix})" if fix else ""))
+    words = rule.words() if isinstance(rule, Rule) else rule
+    return ConfigError(f"{key} must be {words}, got {value!r}" + (f": {fix}" if fix else ""))
+
+
+def leaves(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every setting below `cfg`, interpolations resolved; a null group yields (key, None),
+    an unset one `MISSING`, and a key whose interpolation cannot be resolved raises its one line."""
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        node = cfg._get_node(key)
+        if OmegaConf.is_dict(node) and not node._is_none() and not node._is_interpolation():
+            yield from leaves(node, f"{full}.")
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            yield full, MISSING
+            continue
+        try:
+            value = cfg[key]
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{full}={node._value()} cannot be resolved ({str(err).splitlines()[0]}): "
+                              "fix or drop that override") from None
+        if isinstance(value, DictConfig):
+            yield full, node._value()  # a group borrowed whole (diffusion.betas: ${schedule}): its source is checked
+        else:
+            yield full, OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+
+
+def rule_for(rules: dict[str, Rule], key: str) -> Rule | None:
+    return rules.get(key) or next((r for pattern, r in rules.items() if "*" in pattern and fnmatchcase(key, pattern)
+                                   and pattern.count(".") == key.count(".")), None)
+
+
+def _yaml_value(key: str):
+    """The YAML's value for `key` under this run's group choices (experiment=... included), for the fix; None
+    outside a Hydra app."""
+    try:
+        from hydra import compose
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+        groups = [f"{g}={o}" for g, o in hydra.runtime.choices.items() if o is not None and not g.startswith("hydra")]
+        value = OmegaConf.select(compose(hydra.job.config_name, overrides=groups), key,
+                                 throw_on_resolution_failure=False)
+        return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+    except Exception:  # no Hydra app (a test calling check), or a config that does not compose: no hint
+        return None
+
+
+def _fix(key: str, rule: Rule) -> str:
+    if rule.fix:
+        return rule.fix
+    default = _yaml_value(key)
+    if default is None or not rule.accepts(default):
+        return ""
+    return f"e.g. {key}={default} (its default)"
+
+
+def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
+    """Every key of `cfg` against its rule, then the rules between keys; raises the first failure's line."""
+    for key, value in leaves(cfg):
+        rule = rule_for(rules, key)
+        if rule is None:
+            if value is None and key.count(".") == 1 and key.startswith(("callbacks.", "logger.")) or (
+                    key == "logger" and value is None):
+                continue  # a callback or logger switched off
+            if key.startswith(OPEN):
+                continue
+            raise ConfigError(f"{key} is no setting of this project (value {value!r}): remove it, or, for a new "
+                              "key, add its rule to src/ddpmlab/schema.py")
+        if value is MISSING:
+            raise problem(key, value, rule, rule.fix)
+        if not rule.accepts(value):
+            raise problem(key, value, rule, _fix(key, rule))
+    for cross in TRAIN_CROSS if rules is TRAIN else EVAL_CROSS if rules is EVAL else ():
+        cross(cfg)
+
+
+def _sample_grid_steps(cfg) -> None:
+    """Sampler steps <= T for the sample grid: found at the first grid, after hours of training, otherwise."""
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid")
+    if not grid:
+        return
+    T, steps = cfg.schedule.timesteps, grid.sampling_steps
+    key = "callbacks.sample_grid.sampling_steps"
+    if grid.sampler == "ancestral" and steps not in (None, T):
+        raise problem(key, steps, f"null or T={T} for the ancestral sampler (it runs every step)",
+                      f"set {key}=null, or callbacks.sample_grid.sampler=respaced for fewer steps")
+    if steps is not None and steps > T:
+        raise problem(key, steps, f"at most schedule.timesteps={T}",
+                      f"set {key}={T} (or fewer), or {key}=null for all T steps")
+
+
+def _model_follows_data(cfg) -> None:
+    for key, source in (("model.image_size", "data.image_size"), ("model.in_channels", "data.channels")):
+        if OmegaConf.select(cfg, key) != OmegaConf.select(cfg, source):
+            raise problem(key, OmegaConf.select(cfg, key), f"{source}={OmegaConf.select(cfg, source)}",
+                          f"set {source} instead; the model follows the data")
+
+
+def _batch_fits_dataset(cfg) -> None:
+    size = DATASET_SIZES.get(cfg.data.dataset)
+    devices = cfg.trainer.get("devices", 1)
+    count = devices if isinstance(devices, int) else len(devices) if OmegaConf.is_list(devices) else 1
+    batch = cfg.data.batch_size * count * cfg.trainer.get("num_nodes", 1)
+    if size is not None and batch > size:
+        raise problem("data.batch_size", cfg.data.batch_size,
+                      f"at most the {size} training images of {cfg.data.dataset}"
+                      + (f" over {batch // cfg.data.batch_size} processes" if batch != cfg.data.batch_size else ""),
+                      f"set data.batch_size={size // (batch // cfg.data.batch_size)} or less")
+
+
+def _training_stops(cfg) -> None:
+    if cfg.trainer.get("max_steps", -1) == -1 and cfg.trainer.get("max_epochs", -1) == -1:
+        raise problem("trainer.max_steps", -1, "a positive step count when trainer.max_epochs=-1 (else training "
+                      "never ends)", "set trainer.max_steps=1500 or trainer.max_epochs")
+
+
+def _sample_metrics_need_samples(cfg) -> None:
+    wanted = sorted({"fid", "is", "kid"} & set(cfg.metrics))
+    if wanted and cfg.num_samples < 2:
+        raise problem("num_samples", cfg.num_samples, f"at least 2 for {wanted}", "set num_samples=50000 (the "
+                      "papers' count) or fewer for a quick look")
+    if "kid" in wanted and cfg.kid_subset_size > cfg.num_samples:
+        raise problem("kid_subset_size", cfg.kid_subset_size, f"at most num_samples={cfg.num_samples}",
+                      f"set kid_subset_size={cfg.num_samples} or fewer")
+
+
+TRAIN_CROSS = (_sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops)
+EVAL_CROSS = (_sample_metrics_need_samples,)
+
+
+def check_machine(trainer: DictConfig, key: str = "trainer") -> None:
+    """The accelerator, device count and precision `trainer` asks for exist on this machine (imports torch)."""
+    import torch
+
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
+    cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise problem(f"{key}.accelerator", accelerator, "an accelerator this machine has (it has no CUDA GPU)",
+                      f"set {key}.accelerator=cpu (or auto)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise problem(f"{key}.accelerator", accelerator, "an accelerator this machine has (it has no MPS)",
+                      f"set {key}.accelerator=cpu (or auto)")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda)
+    available = torch.cuda.device_count() if on_gpu else os.cpu_count() or 1
+    wanted = devices if isinstance(devices, int) else max(devices) + 1 if OmegaConf.is_list(devices) else 0
+    if wanted > available:
+        what = f"{available} GPU(s)" if on_gpu else f"{available} CPU core(s)"
+        raise problem(f"{key}.devices", devices, f"at most the {what} this machine has",
+                      f"set {key}.devices={available} or fewer")
+    precision = str(trainer.get("precision", "32-true"))
+    if precision in ("16-mixed", "16") and not on_gpu:
+        raise problem(f"{key}.precision", trainer.precision, "a precision the CPU runs (fp16 mixed precision needs "
+                      "a GPU)", f"set {key}.precision=bf16-mixed or 32-true")
+    if precision.startswith("bf16") and on_gpu and not torch.cuda.is_bf16_supported():
+        raise problem(f"{key}.precision", trainer.precision, "a precision this GPU runs (it has no bfloat16)",
+                      f"set {key}.precision=16-mixed or 32-true")
