@@ -105,3 +105,21 @@ def test_a_run_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path, launcher):
     last_loss = read_curves(sweep / "1" / "csv" / "metrics.csv")["train/loss"][-1][1]
     assert float(finished["train/loss (last)"]) == last_loss
     assert "| 0 | 100000.0 | 2 |" in (sweep / "summary.md").read_text() and (sweep / "loss_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(tmp_path):
+    """Lightning starts DDP rank 1 with the parent's argv: in a multirun that was the whole sweep again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "schedule=linear,cosine",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2",
+         "callbacks.sample_grid.every_n_steps=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outputs").exists()  # no stray default run folder
+    for run, schedule in (("0", "linear"), ("1", "cosine")):
+        assert (tmp_path / "sweep" / run / "checkpoints" / "last.ckpt").is_file()
+        assert f"schedule={schedule}" in (tmp_path / "sweep" / run / ".hydra" / "overrides.yaml").read_text()
+    assert result.stdout.count("sweep summary") == 1  # rank 1 ran one job, not a sweep of its own

@@ -13,6 +13,7 @@ launcher: the SystemExit that ends a run alone is a BaseException, which Hydra's
 which would end the whole sweep with no summary. A preempted run still ends the sweep: the signal was for the process.
 """
 
+import os
 import sys
 import traceback
 from contextlib import contextmanager, suppress
@@ -29,6 +30,7 @@ from ddpmlab.sweeps import record_status, summarise
 _task_started = False
 _run_dir_existed: bool | None = None  # None: unknown (RunGuard not registered), so the folder is never removed
 _multirun_failed = ""  # the final line of a multirun in which some runs failed
+_environ_before_jobs: dict | None = None  # a multirun's environment before its first job (_start_multirun_job)
 
 
 class RunGuard(Callback):
@@ -66,6 +68,8 @@ def reported_errors(cfg):
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
     multirun = hydra.mode == RunMode.MULTIRUN
+    if multirun:
+        _start_multirun_job(hydra)
     try:
         _check_writable(Path(cfg.paths.output_dir))
         yield
@@ -100,6 +104,29 @@ def run(hydra_main) -> None:
         raise
     if _multirun_failed:
         _exit(_multirun_failed, 4)
+
+
+def _start_multirun_job(hydra) -> None:
+    """Make this multirun job run like a run alone under DDP.
+
+    Lightning starts ranks 1..N-1 as `python <script> <sys.argv[1:]> hydra.run.dir=<hydra.run.dir>`: in a multirun
+    that would be the whole sweep again (`-m` and every value), in the default run folder, so point it at this
+    job (its own overrides, its folder). And the previous job of this process left its process group and the
+    environment Lightning set (LOCAL_RANK makes Lightning believe the ranks already exist): both go.
+    """
+    global _environ_before_jobs
+    if _environ_before_jobs is None:
+        _environ_before_jobs = dict(os.environ)
+    else:
+        os.environ.clear()
+        os.environ.update(_environ_before_jobs)
+    dist = sys.modules.get("torch.distributed")  # imported only if a job used it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.argv[1:] = list(hydra.overrides.task)
+    OmegaConf.set_readonly(hydra, False)
+    hydra.run.dir = hydra.runtime.output_dir
+    OmegaConf.set_readonly(hydra, True)
 
 
 def _outcome(err: Exception) -> tuple[int, str]:
