@@ -44,6 +44,14 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
+def given_betas(betas: list[float]) -> torch.Tensor:
+    """Betas listed one by one (a schedule imported from another format, e.g. diffusers' trained_betas)."""
+    betas = torch.as_tensor(list(betas), dtype=torch.float64)
+    if betas.ndim != 1 or not len(betas) or not bool(((betas > 0) & (betas < 1)).all()):
+        raise ConfigError("schedule.betas must be a non-empty list of numbers in (0, 1)")
+    return betas
+
+
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """Cosine schedule: alpha_bar(u) = f(u) / f(0), f(u) = cos((u + s) / (1 + s) * pi / 2)^2.
 

@@ -6,6 +6,10 @@ added in between, dropout), self-attention at the resolutions in `attn_resolutio
 The CIFAR-10 setting (ch=128, ch_mult=1,2,2,2, 2 blocks, attention at 16) has 35.7M parameters.
 Two options of Nichol & Dhariwal 2021 (iDDPM's CIFAR-10 network): multi-head attention (`num_heads`) and the
 time embedding as a scale and shift of the second GroupNorm (`scale_shift_norm`).
+Options for weights trained elsewhere to give the same outputs here (ddpmlab.hub): GroupNorm's `norm_eps`
+(TensorFlow's group_norm, and so the authors' released weights, use 1e-6), TensorFlow's 'SAME' padding of the
+strided conv (`downsample_padding=same`: one zero row and column, bottom and right only) and the layout of the
+sinusoidal embedding (`flip_sin_to_cos`, `freq_shift`). The defaults are this project's own networks.
 """
 
 import functools
@@ -17,14 +21,20 @@ from torch import Tensor, nn
 
 from ddpmlab.errors import ConfigError
 
+DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding of the timestep (Vaswani et al. 2017, section 3.5), as in Ho et al.: (B,) -> (B, dim)."""
+
+def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> Tensor:
+    """Sinusoidal embedding of the timestep (Vaswani et al. 2017, section 3.5): (B,) -> (B, dim).
+
+    Frequencies 10000^(-i / (dim/2 - freq_shift)), i < dim/2, then [sin, cos]; Ho et al. use freq_shift = 1 and
+    sin first, diffusers' UNet2DModel defaults to freq_shift = 0 and cos first (`flip_sin_to_cos`).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    return F.pad(emb, (0, dim % 2))
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    return F.pad(torch.cat(parts, dim=1), (0, dim % 2))
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -43,17 +53,17 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, attn: bool = False,
-                 num_heads: int = 1, scale_shift: bool = False):
+                 num_heads: int = 1, scale_shift: bool = False, eps: float = 1e-5):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, 2 * out_ch if scale_shift else out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch, groups, num_heads) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, groups, num_heads, eps) if attn else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -70,10 +80,10 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Self-attention over the H*W positions with `num_heads` heads (Ho et al.: 1), with a residual connection."""
 
-    def __init__(self, ch: int, groups: int, num_heads: int = 1):
+    def __init__(self, ch: int, groups: int, num_heads: int = 1, eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
 
@@ -91,14 +101,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 conv."""
+    """Halve the resolution with a stride-2 3x3 conv, padded by one on every side (`symmetric`) or, as
+    TensorFlow's 'SAME' does for a stride-2 conv of an even size, by one at the bottom and right only (`same`)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.same = padding == "same"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.same else 1)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.same else x)
 
 
 class Upsample(nn.Module):
@@ -128,14 +140,23 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         num_heads: int = 1,
         scale_shift_norm: bool = False,
+        norm_eps: float = 1e-5,
+        downsample_padding: str = "symmetric",
+        flip_sin_to_cos: bool = False,
+        freq_shift: float = 1.0,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         self._validate(image_size, ch, ch_mult, num_res_blocks, attn_resolutions, norm_groups, num_heads)
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"model.downsample_padding={downsample_padding!r} is unknown: choose one of "
+                              f"{', '.join(DOWNSAMPLE_PADDINGS)}")
+        if not (isinstance(norm_eps, (int, float)) and norm_eps > 0):
+            raise ConfigError(f"model.norm_eps must be a positive number, got {norm_eps!r}: torch's default is 1e-5")
         temb_ch = 4 * ch
         block = functools.partial(ResBlock, temb_ch=temb_ch, dropout=dropout, groups=norm_groups,
-                                  num_heads=num_heads, scale_shift=scale_shift_norm)
-        self.ch = ch
+                                  num_heads=num_heads, scale_shift=scale_shift_norm, eps=norm_eps)
+        self.ch, self.flip_sin_to_cos, self.freq_shift = ch, flip_sin_to_cos, freq_shift
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
@@ -147,7 +168,7 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skip_chs.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(Downsample(cur))
+                self.down.append(Downsample(cur, downsample_padding))
                 skip_chs.append(cur)
                 res //= 2
 
@@ -162,7 +183,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(cur))
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(norm_groups, cur)
+        self.norm_out = nn.GroupNorm(norm_groups, cur, norm_eps)
         self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
         # Ho et al. initialise every other layer with variance_scaling(1, fan_avg, uniform) = Xavier uniform.
         for m in self.modules():
@@ -200,7 +221,7 @@ class UNet(nn.Module):
             )
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.temb(timestep_embedding(t, self.ch))  # (B,) -> (B, 4ch)
+        temb = self.temb(timestep_embedding(t, self.ch, self.flip_sin_to_cos, self.freq_shift))  # (B,) -> (B, 4ch)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

@@ -1,0 +1,68 @@
+"""python -m ddpmlab.hub import SRC --out OUT.ckpt | export CKPT --out DIR [--push-to-hub owner/name]
+
+Bad input (a folder that is no diffusers folder, a network ours cannot represent exactly, no network for hf://)
+is one line on stderr and exit 2, with nothing written.
+"""
+
+import argparse
+import sys
+
+from ddpmlab.errors import ConfigError
+from ddpmlab.hub import export_pipeline, import_checkpoint
+
+
+def same_network(config: dict) -> list[str]:
+    """train.py overrides that build the stored config's data shape, network and diffusion (init_from checks only
+    the weights' shapes, and norm_eps or the padding change outputs, not shapes)."""
+    model = {k: v for k, v in config["model"].items() if k not in ("_target_", "image_size", "in_channels", "out_channels")}
+    schedule = config["schedule"]["_target_"].rsplit(".", 1)[1].removesuffix("_betas")  # linear_betas -> linear
+    values = {"data": config["data"]["dataset"], "data.image_size": config["data"]["image_size"],
+              "data.channels": config["data"]["channels"], **{f"model.{k}": v for k, v in model.items()},
+              **{f"diffusion.{k}": config["diffusion"][k] for k in ("prediction", "variance", "loss")},
+              # a schedule given as its betas has no option of its own: train.py takes conf/schedule's
+              **({"schedule": schedule} if schedule in ("linear", "cosine") else {}),
+              **{f"schedule.{k}": v for k, v in config["schedule"].items() if schedule != "given" and k != "_target_"}}
+    return [f"{key}={_override(value)}" for key, value in values.items()]
+
+
+def _override(value) -> str:
+    """A value as Hydra's override grammar reads it: true, false, null, and lists without spaces."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value).replace(" ", "")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ddpmlab.hub", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    load = commands.add_parser("import", help="a diffusers DDPMPipeline or UNet2DModel folder -> a ddpmlab checkpoint")
+    load.add_argument("src", help="a local folder, or hf://owner/name (e.g. hf://google/ddpm-cifar10-32)")
+    load.add_argument("--out", required=True, help="the checkpoint to write (a new file)")
+    load.add_argument("--data", help="the conf/data option its images are (default: cifar10 for 3x32x32, "
+                                     "fashion_mnist for 1x28x28, else image_folder)")
+    load.add_argument("--data-root", help="data.root of the stored config (default: the data option's)")
+    save = commands.add_parser("export", help="a ddpmlab checkpoint -> a DDPMPipeline folder")
+    save.add_argument("ckpt", help="a checkpoint written by train.py or by import")
+    save.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    save.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
+    save.add_argument("--push-to-hub", metavar="OWNER/NAME", help="also upload the folder to the Hub")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            config = import_checkpoint(args.src, args.out, args.data, args.data_root)
+            data, diffusion = config["data"], config["diffusion"]
+            print(f"wrote {args.out}: {data['channels']}x{data['image_size']}x{data['image_size']} "
+                  f"{data['dataset']}, {diffusion['prediction']} prediction, {diffusion['variance']} variance; "
+                  f"evaluate: python evaluate.py ckpt={args.out}; fine-tune: python train.py init_from={args.out} "
+                  + " ".join(same_network(config)))
+        else:
+            export_pipeline(args.ckpt, args.out, use_ema=not args.raw, push_to=args.push_to_hub)
+            print(f"wrote {args.out}: DDPMPipeline.from_pretrained({args.out!r}) loads it"
+                  + (f"; uploaded to hf://{args.push_to_hub}" if args.push_to_hub else ""))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
