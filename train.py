@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("DDPMLAB_ROOT", str(Path(__file__).resolve().parent))
 
 from ddpmlab import cli  # noqa: E402
-from ddpmlab.training import train  # noqa: E402
+from ddpmlab.training import objective, train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> float | None:
     with cli.reported_errors(cfg):  # in a multirun a failed run is recorded and the block left: None
         metrics = train(cfg)
         print(f"run folder: {cfg.paths.output_dir}")
-        return metrics.get("train/loss")
+        return objective(cfg, metrics)  # optimized_metric's value, for a sweeper
 
 
 if __name__ == "__main__":

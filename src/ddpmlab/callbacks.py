@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torchvision
 
+from ddpmlab.data import to_model_range
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, Preempted
@@ -93,6 +94,67 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer, pl_module, "final.png")
+
+
+class ValidationBound(L.Callback):
+    """`val/bpd`: the bound L = L_T + sum_t L_{t-1} + L_0 in bits/dim (Ho et al. 2020, eq. 5) of the EMA weights on
+    fixed test images, estimated from K = `timesteps` of the KL terms per image (GaussianDiffusion.estimate_bpd:
+    L_T and L_0 exact, the KL terms from K log-spaced strata; K + 1 network calls per image).
+
+    Image i's timesteps and noise come from ExampleNoise(i, seed) alone, never from the global RNG: the same
+    weights give the same value in any run, and computing it leaves the training's random stream untouched.
+    The images go in batches of `batch_size`, dealt to the DDP ranks in turn; each rank sends its batches' values
+    to all, in index order, so every rank averages the same numbers in the order one process would: 1 and N
+    processes agree. Logged at the end of training and, with `every_n_steps`, every that many steps.
+
+    Args:
+        images: the test split, uint8 (N, C, H, W), of which the first `num_images` are used (all, if fewer).
+        num_images, timesteps, every_n_steps, batch_size, seed: see `val` in conf/config.yaml.
+    """
+
+    name = "val/bpd"
+
+    def __init__(self, images: torch.Tensor, num_images: int = 256, timesteps: int = 10,
+                 every_n_steps: int | None = None, batch_size: int = 64, seed: int = 1):
+        for key, value in (("num_images", num_images), ("timesteps", timesteps), ("batch_size", batch_size),
+                           ("every_n_steps", every_n_steps or 1)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"val.{key} must be a whole number >= 1, got {value!r}")
+        self.images, self.timesteps, self.every_n_steps = images[:num_images], timesteps, every_n_steps
+        self.seed, self.batch_size = seed, batch_size
+
+    @torch.no_grad()
+    def bpd(self, pl_module, rank: int = 0, world_size: int = 1, all_gather=None) -> float:
+        """The mean over the images of each one's bound estimate, the same on every rank."""
+        n, size, device = len(self.images), self.batch_size, pl_module.device
+        batches = [range(start, min(start + size, n)) for start in range(0, n, size)]
+        mine = batches[rank::world_size]
+        local = torch.full((-(-len(batches) // world_size), size), float("nan"), device=device)  # (my batches, B)
+        for k, idx in enumerate(mine):
+            x_0 = to_model_range(self.images[idx.start:idx.stop].to(device))
+            local[k, :len(idx)] = pl_module.diffusion.estimate_bpd(
+                pl_module.ema_model, x_0, self.timesteps, ExampleNoise(idx, self.seed, device))
+        if world_size > 1:  # (world, my batches, B) -> (my batches, world, B): batch j is rank j % world's
+            local = all_gather(local).transpose(0, 1)
+        return local.flatten()[:n].mean().item()
+
+    def report(self, trainer, pl_module) -> None:
+        value = self.bpd(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.all_gather)
+        trainer.callback_metrics[self.name] = torch.tensor(value)  # what train() returns
+        for logger in trainer.loggers:
+            logger.log_metrics({self.name: value}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} test "
+                  f"images, K={self.timesteps})")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        before_end = trainer.max_steps < 0 or step < trainer.max_steps  # the last step is on_train_end's
+        if self.every_n_steps and step % self.every_n_steps == 0 and before_end:
+            self.report(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.report(trainer, pl_module)
 
 
 class LastCheckpoint(L.Callback):

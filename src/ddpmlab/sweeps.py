@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.plots import plot_loss_curves, read_curves
 
-# The last logged value of each of these training metrics, in a column named "<metric> (last)".
-COLUMNS = ("train/loss", "train/mse", "train/vlb_bpd")
+# The last logged value of each of these metrics, in a column named "<metric> (last)".
+COLUMNS = ("train/loss", "train/mse", "train/vlb_bpd", "val/bpd")
 LAST = tuple(f"{key} (last)" for key in COLUMNS)
 # The columns that describe a run's outcome; every other column is an override that varies across the sweep.
 OUTCOME = ("run", "steps", *LAST, "checkpoint", "status", "exit", "reason")

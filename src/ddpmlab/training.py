@@ -10,10 +10,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddpmlab.callbacks import ValidationBound
 from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoint
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
-from ddpmlab.module import DiffusionModule
+from ddpmlab.module import METRICS, DiffusionModule
 from ddpmlab.performance import optimize_network, performance_settings
 from ddpmlab.resume import ApplyOptimChanges, check_resume, init_weights
 
@@ -116,6 +117,24 @@ def _check_output_dir(output_dir: Path) -> None:
         )
 
 
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """optimized_metric must name a metric the run will log: refused before training, not after."""
+    name, known = cfg.optimized_metric, (*METRICS, *([ValidationBound.name] if cfg.val.num_images else []))
+    if name is not None and name not in known:
+        hint = " (val.num_images=0 turns val/bpd off)" if name == ValidationBound.name else ""
+        raise ConfigError(f"optimized_metric={name!r} is no metric this run logs{hint}: choose one of "
+                          f"{', '.join(known)}, or null")
+
+
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value train.py returns to a sweeper: the metric optimized_metric names, as last logged."""
+    name = cfg.optimized_metric
+    if name is not None and name not in metrics:
+        raise ConfigError(f"optimized_metric={name} was never logged by this run (it trained no step, or logged "
+                          "none): lower trainer.log_every_n_steps, or raise trainer.max_steps")
+    return None if name is None else metrics[name]
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as `cfg` says; returns the last logged metrics. Raises ConfigError on bad input, before training.
 
@@ -123,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     A resume keeps what defines the training (ddpmlab.resume) unless resume.allow_changes names the key;
     init_from=PATH starts a new run from a checkpoint's weights.
     """
+    check_optimized_metric(cfg)
     if cfg.ckpt_path is not None and cfg.init_from is not None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are both set: ckpt_path "
                           "continues a run, init_from starts a new one from a checkpoint's weights; drop one")
@@ -146,6 +166,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
+    if cfg.val.num_images:
+        datamodule.setup("test")
+        callbacks.append(ValidationBound(datamodule.test_images, **cfg.val))
     if any(key.startswith("optim.") for key in changed):
         callbacks.append(ApplyOptimChanges())
     loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]
