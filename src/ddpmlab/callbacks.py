@@ -2,6 +2,7 @@
 
 import signal
 import threading
+import traceback
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ import torchvision
 from ddpmlab.data import to_model_range
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.noise import ExampleNoise
-from ddpmlab.errors import ConfigError, Preempted
+from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
 from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
 from ddpmlab.progress import in_terminal
 
@@ -168,9 +169,13 @@ class LastCheckpoint(L.Callback):
     The handlers only set a flag, so a signal never interrupts a step or a checkpoint write half-way. Under
     DDP the flag is OR-reduced across ranks every `check_every_n_steps` steps (a collective is a host sync,
     so not every step), and all ranks save and stop at the same step; a single process checks every step.
+
+    On any other error after the first step (a bug, running out of memory, a failed sample grid), last.ckpt is
+    saved where that is safe (on_exception) and the error's line says where it is.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    RESUME = "continue this run with: python train.py ckpt_path=last (same overrides)"
 
     def __init__(self, dirpath: str, check_every_n_steps: int = 10):
         if not (isinstance(check_every_n_steps, int) and check_every_n_steps >= 1):
@@ -200,12 +205,44 @@ class LastCheckpoint(L.Callback):
         trainer.save_checkpoint(path)
         signum = self.received or signal.SIGTERM  # another rank's signal
         raise Preempted(signum, f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; "
-                                "continue this run with: python train.py ckpt_path=last (same overrides)")
+                                f"{self.RESUME}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
         if saved != trainer.global_step:
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Save last.ckpt at the last complete step unless that is unsafe, and say which in a note the error
+        carries to its line (ddpmlab.cli; a traceback prints it last). Not after Preempted (saved already), a
+        NaN/Inf (no checkpoint after it) or a failed checkpoint write (it would fail again)."""
+        failed_write = any(f.name == "save_checkpoint" for f in traceback.extract_tb(exception.__traceback__))
+        if (not isinstance(exception, Exception) or isinstance(exception, (Preempted, NonFiniteLoss))
+                or failed_write or trainer.global_step == 0):
+            return
+        path = self.dirpath / "last.ckpt"
+        why = self._unsafe(trainer, pl_module)
+        if why is None:
+            try:
+                trainer.save_checkpoint(path)
+            except Exception as err:  # noqa: BLE001 - the first error is the one to report; this one joins it
+                why = f"the write failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+        if why is None:
+            exception.add_note(f"saved {path} at step {trainer.global_step}; {self.RESUME}")
+        else:
+            kept = f"; the last checkpoint is {path}" if path.exists() else ""
+            exception.add_note(f"no checkpoint saved at step {trainer.global_step} ({why}){kept}")
+
+    @staticmethod
+    def _unsafe(trainer, pl_module) -> str | None:
+        """Why the state at this moment must not become a checkpoint, or None."""
+        if trainer.world_size > 1:
+            return "a DDP run saves only at its checkpoint steps: a save waits for every rank"
+        if getattr(pl_module, "updating", False):
+            return "the error came inside an optimizer step, where weights, Adam and the EMA disagree"
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            return "the weights are not finite"
+        return None
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for s, handler in self._previous.items():

@@ -81,6 +81,7 @@ class DiffusionModule(L.LightningModule):
         self._skipped = False
         self._step_start: float | None = None
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
+        self.updating = False  # between the gradients and the EMA: weights, Adam and EMA may disagree
 
     def train(self, mode: bool = True) -> "DiffusionModule":
         """Lightning puts the whole module in train mode; the EMA copy stays in eval (no dropout when sampling)."""
@@ -184,6 +185,9 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.updating = True  # an error from here until optimizer_step ends leaves no checkpoint (LastCheckpoint)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         """Adam's step, then the EMA update: both before any callback's on_train_batch_end, so a checkpoint
         written there (ModelCheckpoint, LastCheckpoint) holds the EMA of the same step as the weights.
@@ -197,6 +201,7 @@ class DiffusionModule(L.LightningModule):
         if self._step_start is not None and self.logs_this_step():
             images = self.trainer.datamodule.batch_size * self.trainer.world_size if self.trainer.datamodule else 0
             self.log("train/images_per_s", images / max(time.perf_counter() - self._step_start, 1e-9))
+        self.updating = False
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if not self._skipped:  # nor does the warm-up advance on it
