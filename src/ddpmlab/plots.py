@@ -62,3 +62,23 @@ def plot_schedule(betas: torch.Tensor, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_objective(points: list[tuple[int, float]], direction: str, path: Path, metric: str, title: str) -> None:
+    """A search's objective per trial (points) and the best so far (a step line); `direction`: minimize | maximize."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    points = sorted(points)
+    if points:
+        trials, values = zip(*points)
+        pick = min if direction == "minimize" else max
+        best = [pick(values[: i + 1]) for i in range(len(values))]
+        ax.plot(trials, values, "o", label="trial")
+        ax.step(trials, best, where="post", label=f"best so far ({direction})")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

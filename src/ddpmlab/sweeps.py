@@ -6,6 +6,10 @@ labelled by the overrides that differ between runs.
 
 Each run of a multirun records its outcome in `status.json` in its folder (ddpmlab.cli does, for every
 launcher): a run that failed does not end the sweep, and its row says with what exit code and why.
+
+An Optuna search (`-m hparams_search=optuna`, its study in the sweep folder) adds, from the study: each run's
+objective (run folder N is trial N), the best run with the command that repeats it (printed and in summary.md),
+and `objective.png`, the objective per trial.
 """
 
 import csv
@@ -16,13 +20,13 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.plots import plot_loss_curves, read_curves
+from ddpmlab.plots import plot_loss_curves, plot_objective, read_curves
 
 # The last logged value of each of these metrics, in a column named "<metric> (last)".
 COLUMNS = ("train/loss", "train/mse", "train/vlb_bpd", "val/bpd")
 LAST = tuple(f"{key} (last)" for key in COLUMNS)
 # The columns that describe a run's outcome; every other column is an override that varies across the sweep.
-OUTCOME = ("run", "steps", *LAST, "checkpoint", "status", "exit", "reason")
+OUTCOME = ("run", "steps", "objective", *LAST, "checkpoint", "status", "exit", "reason")
 STATUS = "status.json"
 
 
@@ -40,8 +44,9 @@ def read_status(run_dir: Path) -> dict:
     return {"status": "ok" if recorded["exit"] == 0 else "failed", **recorded}
 
 
-def summarise(sweep_dir: Path) -> list[dict]:
-    """One row per run folder of the sweep: its varying overrides, steps, last metrics, checkpoint and outcome."""
+def summarise(sweep_dir: Path, objectives: dict[str, float] | None = None) -> list[dict]:
+    """One row per run folder of the sweep: its varying overrides, steps, objective (a search's: {run: value}),
+    last metrics, checkpoint and outcome."""
     runs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name)
     overrides = {run: list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) for run in runs}
@@ -54,6 +59,8 @@ def summarise(sweep_dir: Path) -> list[dict]:
         row = {"run": run.name}
         row.update({k: next((o.split("=", 1)[1] for o in overrides[run] if o.split("=")[0] == k), "") for k in varying})
         row["steps"] = max((s for c in curves.values() for s, _ in c), default=0)
+        if objectives is not None:
+            row["objective"] = objectives.get(run.name, math.nan)
         for key, column in zip(COLUMNS, LAST):
             row[column] = curves[key][-1][1] if curves.get(key) else math.nan
         row["checkpoint"] = "yes" if (run / "checkpoints" / "last.ckpt").is_file() else "no"
@@ -62,9 +69,11 @@ def summarise(sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def write_summary(sweep_dir: Path) -> str:
-    """summary.csv, summary.md and loss_curves.png in the sweep folder; returns the markdown table."""
-    rows = summarise(sweep_dir)
+def write_summary(sweep_dir: Path, study=None, metric: str = "objective") -> str:
+    """summary.csv, summary.md and loss_curves.png in the sweep folder; returns the markdown table. With an Optuna
+    study (see load_study), also its objective column, the best run and objective.png."""
+    trials = [t for t in study.trials if t.value is not None] if study is not None else []
+    rows = summarise(sweep_dir, {str(t.number): t.value for t in trials} if study is not None else None)
     if not rows:
         return ""
     keys = list(rows[0])
@@ -75,9 +84,35 @@ def write_summary(sweep_dir: Path) -> str:
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731
     table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
                       + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+    if study is not None:
+        table += "\n\n" + _search_results(sweep_dir, study, trials, metric)
     (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
     _plot_losses(sweep_dir, rows, keys)
     return table
+
+
+def load_study(config: DictConfig):
+    """The Optuna study a search kept in storage (hydra.sweeper.storage and study_name); None for a grid."""
+    storage, name = (OmegaConf.select(config, f"hydra.sweeper.{k}") for k in ("storage", "study_name"))
+    if not storage or not name:
+        return None
+    import optuna  # the `search` extra: only a search needs it
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _search_results(sweep_dir: Path, study, trials: list, metric: str) -> str:
+    """The best run and the command that repeats it, and objective.png; the objective is `metric` (optimized_metric)."""
+    direction = study.direction.name.lower()
+    plot_objective([(t.number, t.value) for t in trials], direction, sweep_dir / "objective.png", metric,
+                   f"search {sweep_dir.name}: {len(trials)} of {len(study.trials)} trials gave a value")
+    if not trials:
+        return f"No trial gave a value of {metric}: the rows above say why."
+    best = study.best_trial
+    overrides = OmegaConf.load(sweep_dir / str(best.number) / ".hydra" / "overrides.yaml")
+    return (f"Best ({direction} {metric}): run {best.number}, {metric} = {best.value:.4f}; its config: "
+            f"{sweep_dir / str(best.number) / '.hydra' / 'config.yaml'}\n\n"
+            f"    python train.py {' '.join(str(o) for o in overrides if not str(o).startswith('hparams_search='))}")
 
 
 def _plot_losses(sweep_dir: Path, rows: list[dict], keys: list[str]) -> None:
@@ -93,6 +128,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            table = write_summary(sweep_dir)
+            metric = OmegaConf.select(config, "optimized_metric") or "objective"
+            table = write_summary(sweep_dir, load_study(config), metric)
             if table:
                 print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{table}")
