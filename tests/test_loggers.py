@@ -1,4 +1,7 @@
-"""wandb through Lightning's WandbLogger, really running, offline: no account, no prompt, files to sync later."""
+"""wandb through Lightning's WandbLogger, really running, offline: no account, no prompt, files to sync later;
+and TensorBoard's event files, read back with TensorBoard's own reader."""
+
+import pytest
 
 from ddpmlab.training import train
 from tests.conftest import compose_config, wandb_record
@@ -52,3 +55,29 @@ def test_model_artifacts_offline_are_refused_with_the_fix(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="log in with `wandb login`"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # refused before training
+
+
+def test_tensorboard_event_file_holds_the_scalars_grids_and_hyperparameters(tmp_path):
+    """logger=tensorboard, a real run: its event file, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cfg = compose_config("experiment=smoke", "logger=tensorboard", output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    [event_file] = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    for key in ("train/loss", "train/vlb_bpd", "train/loss_q3", "train/grad_norm", "lr-Adam", "val/bpd"):
+        assert key in tags["scalars"], f"{key} did not reach TensorBoard"
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 3, 5]  # every log_every_n_steps=2 steps
+    [val] = events.Scalars("val/bpd")
+    assert (val.step, val.value) == (6, pytest.approx(metrics["val/bpd"]))
+    assert [e.step for e in events.Images("samples")] == [3, 6] and len(events.Images("denoising")) == 2
+    assert events.Images("samples")[-1].width > 28  # a grid of 4 samples, not one image
+    # The HParams tab: the config's flattened keys, with val/bpd as the metric to compare runs by.
+    content = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["optim/lr"].number_value == 1e-3 and start.hparams["task_name"].string_value == "smoke"
+    content = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/bpd"]

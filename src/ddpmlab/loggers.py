@@ -1,4 +1,5 @@
-"""Logger construction that must decide something at run time: wandb online or offline."""
+"""Logger construction that must decide something at run time (wandb online or offline), and what the
+loggers take differently: images, and the final numbers beside the hyperparameters."""
 
 import netrc
 import os
@@ -37,6 +38,31 @@ def wandb_logger(save_dir: str, project: str, offline: bool | None = None, group
                           "log in with `wandb login` (or set WANDB_API_KEY), or set logger.wandb.log_model=false")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, offline=offline, group=group, **kwargs)
+
+
+def log_image(logger, key: str, path: Path, step: int) -> None:
+    """A PNG of the run folder (a sample grid) to a dashboard: wandb takes the file, TensorBoard the pixels;
+    loggers without images (CSV) get nothing."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        from torchvision.io import read_image
+
+        logger.experiment.add_image(key, read_image(str(path)), step)  # (C, H, W) uint8
+    elif hasattr(logger, "log_image"):
+        logger.log_image(key, [str(path)], step=step)
+
+
+def log_final(loggers, config: dict, metrics: dict[str, float], step: int) -> None:
+    """A run's final numbers (val/bpd). TensorBoard files them with the config as hyperparameters too, so that its
+    HParams tab compares runs by them (conf/logger/tensorboard.yaml turns off the placeholder hp_metric)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(config, metrics, step)  # also logs the metrics as scalars at `step`
+        else:
+            logger.log_metrics(metrics, step)
 
 
 def _sweep_name() -> str | None:
