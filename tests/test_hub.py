@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from ddpmlab.diffusion.samplers import ancestral
+from ddpmlab.errors import ConfigError
 from ddpmlab.evaluation import load_run
-from ddpmlab.hub import import_checkpoint
+from ddpmlab.hub import export_pipeline, import_checkpoint
 from ddpmlab.hub.convert import LEGACY_ATTENTION
+from ddpmlab.training import train
 from tests.conftest import ROOT, compose_config
+from tests.test_data import write_mnist_like
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -133,6 +136,47 @@ def test_the_256x256_release_gives_diffusers_outputs(tmp_path):
     assert largest_difference(tmp_path / "celebahq.ckpt", folder, 1, [321]) < 1e-5
 
 
+def ddpm_name(name: str, levels: int) -> str:
+    """A diffusers UNet2DModel tensor's name in the PyTorch port of the authors' TensorFlow checkpoints
+    (pesser/pytorch_diffusion), written out here apart from ddpmlab.hub's own table."""
+    import re
+
+    for theirs, ddpm in (("time_embedding.linear_1", "temb.dense.0"), ("time_embedding.linear_2", "temb.dense.1"),
+                         ("conv_norm_out", "norm_out"), ("mid_block.resnets.0", "mid.block_1"),
+                         ("mid_block.resnets.1", "mid.block_2"), ("mid_block.attentions.0", "mid.attn_1"),
+                         ("down_blocks", "down"), ("resnets", "block"), ("attentions", "attn"),
+                         ("downsamplers.0", "downsample"), ("upsamplers.0", "upsample"), ("time_emb_proj", "temb_proj"),
+                         ("conv_shortcut", "nin_shortcut"), ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"),
+                         ("to_v", "v"), ("to_out.0", "proj_out")):
+        name = name.replace(theirs, ddpm)
+    # diffusers counts up blocks from the deepest level, the port by level
+    return re.sub(r"^up_blocks\.(\d+)", lambda m: f"up.{levels - 1 - int(m.group(1))}", name)
+
+
+@pytest.mark.slow
+def test_a_state_dict_in_the_original_ddpm_names_gives_diffusers_outputs(tmp_path):
+    """The authors' network (GroupNorm eps 1e-6, 'SAME' padding, one head) from a state dict in the port's names,
+    its attention as 1x1 convs; the image size and variance, which such a file does not hold, from the command."""
+    small = {**RELEASED, "sample_size": 28, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64, 64],
+             "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+    folder = write_folder(tmp_path / "diffusers", small, PAPER_SCHEDULER)
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    ported = {ddpm_name(n, 3): t[..., None, None] if ".attentions." in n and t.dim() == 2 else t for n, t in state.items()}
+    assert {"temb.dense.0.weight", "down.1.attn.0.q.weight", "mid.attn_1.proj_out.weight", "up.1.attn.2.k.bias",
+            "down.0.downsample.conv.weight", "up.2.upsample.conv.weight", "down.1.block.0.nin_shortcut.weight"} <= set(ported)
+    torch.save(ported, tmp_path / "model-790000.ckpt")
+    with pytest.raises(ConfigError, match="--image-size"):
+        import_checkpoint(str(tmp_path / "model-790000.ckpt"), tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()
+    out, err, code = hub("import", tmp_path / "model-790000.ckpt", "--out", tmp_path / "ported.ckpt",
+                         "--image-size", 28, "--variance", "fixed_large")
+    assert code == 0, err
+    assert largest_difference(tmp_path / "ported.ckpt", folder, 2, [1, 600]) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("hub") / "tiny", TINY, TINY_SCHEDULER)
@@ -142,8 +186,6 @@ def test_export_of_an_import_keeps_every_tensor_byte_for_byte(tiny, tmp_path):
     """Multi-head attention, scale-shift norm, learned-range v prediction on the cosine schedule: there and back."""
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
-
-    from ddpmlab.hub import export_pipeline
 
     import_checkpoint(str(tiny), tmp_path / "tiny.ckpt")
     assert largest_difference(tmp_path / "tiny.ckpt", tiny, 2, [0, 999]) < 1e-5
@@ -169,8 +211,6 @@ def test_an_exported_run_samples_our_images_in_diffusers_pipeline(tmp_path):
     one generator as our ancestral sampler, so the images agree to float32 rounding."""
     from diffusers import DDPMPipeline
 
-    from ddpmlab.training import train
-
     train(compose_config("experiment=smoke", "trainer.max_steps=3", "callbacks.sample_grid=null", output_dir=tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     out, err, code = hub("export", ckpt, "--out", tmp_path / "pipeline")
@@ -187,7 +227,7 @@ def test_an_exported_run_samples_our_images_in_diffusers_pipeline(tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_sources_are_one_line_exit_2_and_write_nothing(tiny, tmp_path):
+def test_bad_sources_and_an_offline_push_are_one_line_exit_2_and_write_nothing(tiny, tmp_path):
     missing = tmp_path / "missing_config"
     missing.mkdir()
     (missing / "diffusion_pytorch_model.safetensors").write_bytes((tiny / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
@@ -202,7 +242,10 @@ def test_bad_sources_are_one_line_exit_2_and_write_nothing(tiny, tmp_path):
              "pass its path": ("hf://google/ddpm-cifar10-32", unreachable)}
     started = {says: hub("import", src, "--out", tmp_path / f"{i}.ckpt", env=env, wait=False)
                for i, (says, (src, env)) in enumerate(cases.items())}
-    for i, (says, process) in enumerate(started.items()):
+    import_checkpoint(str(tiny), tmp_path / "tiny.ckpt")
+    pushed = hub("export", tmp_path / "tiny.ckpt", "--out", tmp_path / f"{len(cases)}.ckpt", "--push-to-hub",
+                 "me/tiny", env=offline, wait=False)
+    for i, (says, process) in enumerate([*started.items(), ("export without --push-to-hub", pushed)]):
         out, err = process.communicate(timeout=300)
         assert process.returncode == 2 and len(err.strip().splitlines()) == 1 and says in err, (says, err)
         assert not (tmp_path / f"{i}.ckpt").exists() and not list(tmp_path.glob(f".{i}.ckpt*"))
@@ -214,8 +257,6 @@ def test_a_setting_diffusers_lacks_is_refused_in_one_line(tiny, tmp_path):
     checkpoint = torch.load(tmp_path / "tiny.ckpt", weights_only=True)
     checkpoint["config"]["diffusion"]["variance"] = "learned"
     torch.save(checkpoint, tmp_path / "learned.ckpt")
-    from ddpmlab.errors import ConfigError
-    from ddpmlab.hub import export_pipeline
 
     with pytest.raises(ConfigError, match=r"diffusion.variance='learned'"):
         export_pipeline(str(tmp_path / "learned.ckpt"), tmp_path / "out")
@@ -225,8 +266,6 @@ def test_a_setting_diffusers_lacks_is_refused_in_one_line(tiny, tmp_path):
 @pytest.mark.slow
 def test_evaluate_scores_an_imported_checkpoint(tiny, tmp_path):
     """evaluate.py on an imported checkpoint, as a process: its stored config rebuilds the network and data."""
-    from tests.test_data import write_mnist_like
-
     import_checkpoint(str(tiny), tmp_path / "tiny.ckpt")
     write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw", n_train=8, n_test=4)
     done = subprocess.run([sys.executable, "evaluate.py", f"ckpt={tmp_path / 'tiny.ckpt'}", "metrics=[nll_estimate]",

@@ -1,6 +1,7 @@
 """diffusers' DDPMPipeline folders (and the Hugging Face Hub) in, our checkpoints out, and back.
 
-`import_checkpoint`: a UNet2DModel + DDPMScheduler folder -> an ordinary ddpmlab checkpoint whose stored config
+`import_checkpoint`: a UNet2DModel + DDPMScheduler folder (or a state dict in the names of the PyTorch port of
+the authors' TensorFlow checkpoints: temb.dense.0, down.{i}.block.{j}, mid.attn_1, ...) -> an ordinary ddpmlab checkpoint whose stored config
 is derived from the source (evaluate.py scores it; train.py init_from=... fine-tunes it), the weights in both the
 raw and the EMA slots. `export_pipeline`: a ddpmlab checkpoint -> a folder DDPMPipeline.from_pretrained loads.
 Conversion is exact or refused in one line naming the field (convert.py holds the field and weight-name tables).
@@ -13,8 +14,9 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from ddpmlab.errors import ConfigError
-from ddpmlab.hub.convert import (diffusion_from_scheduler, model_from_unet, refuse, scheduler_from_diffusion,
-                                 tensor_table, unet_from_model, weights_to_diffusers, weights_to_ours)
+from ddpmlab.hub.convert import (DDPM, DIFFUSERS, diffusion_from_ddpm, diffusion_from_scheduler, model_from_ddpm,
+                                 model_from_unet, refuse, scheduler_from_diffusion, tensor_table, unet_from_model,
+                                 weights_to_diffusers, weights_to_ours)
 from ddpmlab.hub.folders import check_hub, push, read_source, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -23,14 +25,22 @@ ROOT = Path(__file__).resolve().parents[3]
 DATA_BY_SHAPE = {(3, 32): "cifar10", (1, 28): "fashion_mnist"}
 
 
-def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: str | None = None) -> dict:
-    """Convert the diffusers folder `src` (or hf://owner/name) into the checkpoint `out`; returns its config."""
+def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: str | None = None,
+                      image_size: int | None = None, variance: str | None = None) -> dict:
+    """Convert the diffusers folder `src` (or hf://owner/name) into the checkpoint `out`; returns its config.
+    `src` may also be a weights file in the original DDPM port's names, which needs `image_size` and `variance`."""
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out {out} exists: choose a new file name (nothing is overwritten)")
     source = read_source(src)
-    model = model_from_unet(source.unet_config)
-    schedule, diffusion = diffusion_from_scheduler(source.scheduler_config)
+    if source.unet_config is None:
+        model, names = model_from_ddpm(source.weights, image_size), DDPM
+        schedule, diffusion = diffusion_from_ddpm(variance)
+    elif image_size or variance:
+        raise ConfigError(f"--image-size and --variance are for a DDPM weights file: {src}'s own configs say them")
+    else:
+        model, names = model_from_unet(source.unet_config), DIFFUSERS
+        schedule, diffusion = diffusion_from_scheduler(source.scheduler_config)
     wanted = model["in_channels"] * (2 if diffusion["variance"] == "learned_range" else 1)
     if model["out_channels"] != wanted:
         raise refuse("out_channels", model["out_channels"], f"variance {diffusion['variance']} with "
@@ -43,7 +53,7 @@ def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: s
     from ddpmlab.training import build_network
 
     network, _ = build_network(cfg)
-    weights = weights_to_ours(source.weights, tensor_table(model), network.state_dict())
+    weights = weights_to_ours(source.weights, tensor_table(model, names), network.state_dict())
     network.load_state_dict(weights)  # strict: every tensor of the network came from the source
     state = {f"{slot}.{name}": tensor for slot in ("model", "ema_model") for name, tensor in weights.items()}
     config = OmegaConf.to_container(cfg, resolve=True)

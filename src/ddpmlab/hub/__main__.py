@@ -36,11 +36,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ddpmlab.hub", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     load = commands.add_parser("import", help="a diffusers DDPMPipeline or UNet2DModel folder -> a ddpmlab checkpoint")
-    load.add_argument("src", help="a local folder, or hf://owner/name (e.g. hf://google/ddpm-cifar10-32)")
+    load.add_argument("src", help="a local folder, hf://owner/name (e.g. hf://google/ddpm-cifar10-32), or a "
+                                  "weights file in the original DDPM port's names")
     load.add_argument("--out", required=True, help="the checkpoint to write (a new file)")
     load.add_argument("--data", help="the conf/data option its images are (default: cifar10 for 3x32x32, "
                                      "fashion_mnist for 1x28x28, else image_folder)")
     load.add_argument("--data-root", help="data.root of the stored config (default: the data option's)")
+    load.add_argument("--image-size", type=int, help="a DDPM weights file only: its image size")
+    load.add_argument("--variance", help="a DDPM weights file only: fixed_large (CIFAR-10) or fixed_small (LSUN, CelebA-HQ)")
     save = commands.add_parser("export", help="a ddpmlab checkpoint -> a DDPMPipeline folder")
     save.add_argument("ckpt", help="a checkpoint written by train.py or by import")
     save.add_argument("--out", required=True, help="the folder to write (new or empty)")
@@ -49,7 +52,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
-            config = import_checkpoint(args.src, args.out, args.data, args.data_root)
+            config = import_checkpoint(args.src, args.out, args.data, args.data_root, args.image_size, args.variance)
             data, diffusion = config["data"], config["diffusion"]
             print(f"wrote {args.out}: {data['channels']}x{data['image_size']}x{data['image_size']} "
                   f"{data['dataset']}, {diffusion['prediction']} prediction, {diffusion['variance']} variance; "

@@ -46,6 +46,20 @@ RESBLOCK = (("norm1", "norm1"), ("conv1", "conv1"), ("temb_proj", "time_emb_proj
             ("conv2", "conv2"), ("skip", "conv_shortcut"))
 ATTENTION = (("norm", "group_norm"), ("proj_out", "to_out.0"))
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14
+# Module names: {i} a level, {j} a block in it, {u} diffusers' up-block index (the levels from the deepest).
+DIFFUSERS = {"temb": ("time_embedding.linear_1", "time_embedding.linear_2"), "down": "down_blocks.{i}.resnets.{j}",
+             "down_attn": "down_blocks.{i}.attentions.{j}", "downsample": "down_blocks.{i}.downsamplers.0.conv",
+             "mid": ("mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"),
+             "up": "up_blocks.{u}.resnets.{j}", "up_attn": "up_blocks.{u}.attentions.{j}",
+             "upsample": "up_blocks.{u}.upsamplers.0.conv", "norm_out": "conv_norm_out", "resblock": RESBLOCK,
+             "attention": ATTENTION, "qkv": ("to_q", "to_k", "to_v"), "linear": True}
+# The PyTorch port of the authors' TensorFlow checkpoints (pesser/pytorch_diffusion): attention by 1x1 convs.
+DDPM = {"temb": ("temb.dense.0", "temb.dense.1"), "down": "down.{i}.block.{j}", "down_attn": "down.{i}.attn.{j}",
+        "downsample": "down.{i}.downsample.conv", "mid": ("mid.block_1", "mid.attn_1", "mid.block_2"),
+        "up": "up.{i}.block.{j}", "up_attn": "up.{i}.attn.{j}", "upsample": "up.{i}.upsample.conv",
+        "norm_out": "norm_out", "resblock": (("norm1", "norm1"), ("conv1", "conv1"), ("temb_proj", "temb_proj"),
+                                             ("norm2", "norm2"), ("conv2", "conv2"), ("skip", "nin_shortcut")),
+        "attention": (("norm", "norm"), ("proj_out", "proj_out")), "qkv": ("q", "k", "v"), "linear": False}
 
 
 def refuse(field: str, value, why: str) -> ConfigError:
@@ -103,6 +117,38 @@ def model_from_unet(config: dict) -> dict:
             "num_heads": heads.pop(), "scale_shift_norm": shift == "scale_shift", "norm_eps": c["norm_eps"],
             "downsample_padding": "same" if c["downsample_padding"] == 0 else "symmetric",
             "flip_sin_to_cos": c["flip_sin_to_cos"], "freq_shift": c["freq_shift"]}
+
+
+def model_from_ddpm(weights: dict, image_size: int | None) -> dict:
+    """Our U-Net's arguments for weights in the DDPM port's names: widths, depth and attention levels read from the
+    tensors' shapes, the rest Ho et al.'s TensorFlow network (GroupNorm of 32 groups and eps 1e-6, 'SAME' padding,
+    one head, the embedding [sin, cos] with freq_shift 1, dropout 0.1). The file does not say its image size."""
+    if not image_size:
+        raise ConfigError("a DDPM weights file does not say its image size: pass --image-size (32 for CIFAR-10, "
+                          "256 for LSUN and CelebA-HQ)")
+    try:
+        ch, in_channels = weights["conv_in.weight"].shape[:2]
+        levels = 1 + max(int(name.split(".")[1]) for name in weights if name.startswith("down."))
+        blocks = len({name.split(".")[3] for name in weights if name.startswith("down.0.block.")})
+        ch_mult = [weights[f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)]
+        out_channels = weights["conv_out.weight"].shape[0]
+    except (KeyError, ValueError, IndexError) as err:
+        raise ConfigError(f"the weights lack {err} of the DDPM port's network (temb.dense.0, down.0.block.0, ..., "
+                          "conv_out): they are not in its names") from None
+    return {"image_size": image_size, "in_channels": in_channels, "out_channels": out_channels, "ch": ch,
+            "ch_mult": ch_mult, "num_res_blocks": blocks, "dropout": 0.1, "norm_groups": 32, "num_heads": 1,
+            "attn_resolutions": [image_size // 2**i for i in range(levels) if f"down.{i}.attn.0.q.weight" in weights],
+            "scale_shift_norm": False, "norm_eps": 1e-6, "downsample_padding": "same", "flip_sin_to_cos": False,
+            "freq_shift": 1}
+
+
+def diffusion_from_ddpm(variance: str | None) -> tuple[dict, dict]:
+    """Ho et al.'s schedule (linear 1e-4..0.02, T = 1000, eps prediction) with the variance their run used."""
+    if variance not in ("fixed_large", "fixed_small"):
+        raise ConfigError(f"--variance={variance}: a DDPM weights file does not say its variance; pass --variance "
+                          "fixed_large (the authors' CIFAR-10 run) or fixed_small (their LSUN and CelebA-HQ runs)")
+    return ({"_target_": "ddpmlab.diffusion.schedules.linear_betas", "timesteps": 1000, "beta_start": 0.0001,
+             "beta_end": 0.02}, {"prediction": "eps", "variance": variance})
 
 
 def unet_from_model(model: dict, out_channels: int) -> dict:
@@ -182,41 +228,43 @@ def scheduler_from_diffusion(schedule: dict, diffusion_cfg: dict, betas: torch.T
     }
 
 
-def tensor_table(model: dict) -> list[tuple[str, tuple[str, ...], bool]]:
-    """(our tensor, the diffusers tensors it is made of, whether they are Linear weights of our 1x1 convs) for our
-    U-Net's arguments; q, k and v are stacked in that order along the output channels."""
+def tensor_table(model: dict, names: dict | None = None) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(our tensor, the source's tensors it is made of, whether they are Linear weights of our 1x1 convs) for our
+    U-Net's arguments, in diffusers' names (DIFFUSERS) or the original DDPM port's (DDPM); q, k and v are stacked
+    in that order along the output channels."""
+    n = names or DIFFUSERS
     levels, blocks = len(model["ch_mult"]), model["num_res_blocks"]
     attends = [model["image_size"] // 2**i in model["attn_resolutions"] for i in range(levels)]
-    modules = [("temb.0", "time_embedding.linear_1", ()), ("temb.2", "time_embedding.linear_2", ()),
-               ("conv_in", "conv_in", ())]
+    modules = [("temb.0", n["temb"][0], ()), ("temb.2", n["temb"][1], ()), ("conv_in", "conv_in", ())]
     k = 0
     for i in range(levels):
         for j in range(blocks):
-            modules.append((f"down.{k}", f"down_blocks.{i}.resnets.{j}", RESBLOCK))
-            modules += [(f"down.{k}.attn", f"down_blocks.{i}.attentions.{j}", ATTENTION)] if attends[i] else []
+            modules.append((f"down.{k}", n["down"].format(i=i, j=j), n["resblock"]))
+            modules += [(f"down.{k}.attn", n["down_attn"].format(i=i, j=j), n["attention"])] if attends[i] else []
             k += 1
         if i != levels - 1:
-            modules.append((f"down.{k}.conv", f"down_blocks.{i}.downsamplers.0.conv", ()))
+            modules.append((f"down.{k}.conv", n["downsample"].format(i=i), ()))
             k += 1
-    modules += [("mid.0", "mid_block.resnets.0", RESBLOCK), ("mid.0.attn", "mid_block.attentions.0", ATTENTION),
-                ("mid.1", "mid_block.resnets.1", RESBLOCK)]
+    modules += [("mid.0", n["mid"][0], n["resblock"]), ("mid.0.attn", n["mid"][1], n["attention"]),
+                ("mid.1", n["mid"][2], n["resblock"])]
     k = 0
-    for u, i in enumerate(reversed(range(levels))):
+    for u, i in enumerate(reversed(range(levels))):  # u: diffusers' index of the up block, i: the level
         for j in range(blocks + 1):
-            modules.append((f"up.{k}", f"up_blocks.{u}.resnets.{j}", RESBLOCK))
-            modules += [(f"up.{k}.attn", f"up_blocks.{u}.attentions.{j}", ATTENTION)] if attends[i] else []
+            modules.append((f"up.{k}", n["up"].format(u=u, i=i, j=j), n["resblock"]))
+            modules += [(f"up.{k}.attn", n["up_attn"].format(u=u, i=i, j=j), n["attention"])] if attends[i] else []
             k += 1
         if i != 0:
-            modules.append((f"up.{k}.conv", f"up_blocks.{u}.upsamplers.0.conv", ()))
+            modules.append((f"up.{k}.conv", n["upsample"].format(u=u, i=i), ()))
             k += 1
-    modules += [("norm_out", "conv_norm_out", ()), ("conv_out", "conv_out", ())]
+    modules += [("norm_out", n["norm_out"], ()), ("conv_out", "conv_out", ())]
     table = []
     for ours, theirs, parts in modules:
         for param in ("weight", "bias"):
-            table += [(f"{ours}.{a}.{param}", (f"{theirs}.{b}.{param}",), a == "proj_out" and param == "weight")
+            table += [(f"{ours}.{a}.{param}", (f"{theirs}.{b}.{param}",), n["linear"] and a == "proj_out" and param == "weight")
                       for a, b in parts] or [(f"{ours}.{param}", (f"{theirs}.{param}",), False)]
-            if parts is ATTENTION:
-                table.append((f"{ours}.qkv.{param}", tuple(f"{theirs}.to_{x}.{param}" for x in "qkv"), param == "weight"))
+            if parts is n["attention"]:
+                table.append((f"{ours}.qkv.{param}", tuple(f"{theirs}.{x}.{param}" for x in n["qkv"]),
+                              n["linear"] and param == "weight"))
     return table
 
 

@@ -24,17 +24,20 @@ WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 @dataclass
 class Source:
-    where: str                    # as the user named it
-    unet_config: dict
+    where: str                     # as the user named it
+    unet_config: dict | None       # None: a weights file in the DDPM port's names
     scheduler_config: dict | None  # None: a bare UNet2DModel folder
-    weights: dict                 # diffusers' names -> tensors
+    weights: dict                  # names -> tensors
 
 
 def read_source(src: str) -> Source:
-    """A local folder, or hf://owner/name fetched into huggingface_hub's cache."""
+    """A local folder, or hf://owner/name fetched into huggingface_hub's cache, or a weights file of the DDPM port."""
     folder = fetch(src.removeprefix("hf://")) if src.startswith("hf://") else Path(src)
+    if folder.is_file():
+        return Source(src, None, None, _read_weights(folder))
     if not folder.is_dir():
-        raise ConfigError(f"{src} is no folder: pass a diffusers folder (DDPMPipeline or UNet2DModel) or hf://owner/name")
+        raise ConfigError(f"{src} does not exist: pass a diffusers folder (DDPMPipeline or UNet2DModel), hf://owner/name "
+                          "or a DDPM weights file")
     unet = folder / "unet" if (folder / "unet").is_dir() else folder
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if unet != folder and not scheduler.is_file():
@@ -60,7 +63,10 @@ def _weights(unet: Path, src: str) -> dict:
     found = [unet / name for name in WEIGHTS if (unet / name).is_file()]
     if not found:
         raise ConfigError(f"{src} has no {' or '.join(WEIGHTS)} beside its config.json: copy the weights too")
-    path = found[0]
+    return _read_weights(found[0])
+
+
+def _read_weights(path: Path) -> dict:
     read = safetensors_torch().load_file if path.suffix == ".safetensors" else functools.partial(
         torch.load, map_location="cpu", weights_only=True)
     try:
