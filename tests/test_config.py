@@ -16,6 +16,13 @@ GROUPS = ["data", "model", "schedule", "diffusion", "timestep_sampler", "trainer
 # Options whose images or U-Net need the other side to be at 32x32.
 AT_32 = {"data=cifar10": "model=unet_cifar10", "data=image_folder": "model=unet_cifar10",
          "model=unet_cifar10": "data=cifar10"}
+# The paper-scale options: an image folder to read, and their U-Nets at ch=32 here (tests/test_presets.py builds
+# them at full size).
+AT_SCALE = {"model=unet_256": ["data=image_folder", "data.image_size=256", "model.ch=32"],
+            "model=unet_imagenet64": ["data=image_folder", "data.image_size=64", "model.ch=32"],
+            **{f"experiment={e}": ["model.ch=32"] for e in ("ddpm_celebahq256", "ddpm_lsun_church256",
+                                                            "ddpm_lsun_bedroom256", "ddpm_lsun_cat256",
+                                                            "iddpm_imagenet64", "iddpm_imagenet64_vlb")}}
 
 
 def options(group: str) -> list[str]:
@@ -24,8 +31,8 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(override, tmp_path):
-    extra = [AT_32[override]] if override in AT_32 else []
-    if override == "data=image_folder":
+    extra = [AT_32[override]] if override in AT_32 else AT_SCALE.get(override, [])[:]
+    if override == "data=image_folder" or override in AT_SCALE:
         extra.append(f"data.root={tmp_path}")
     cfg = compose_config(override, *extra, output_dir=tmp_path)
     assert isinstance(instantiate(cfg.data), DiffusionDataModule)
