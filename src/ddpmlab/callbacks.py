@@ -13,7 +13,6 @@ from ddpmlab.data import to_model_range
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
-from ddpmlab.loggers import log_final, log_image
 from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
 from ddpmlab.progress import in_terminal
 
@@ -81,10 +80,11 @@ class SampleGrid(L.Callback):
         strip_path = self.dirpath / f"denoising_{name}"
         if len(strip):  # (rows, columns, ...) -> rows of columns
             torchvision.utils.save_image(strip.flatten(0, 1), strip_path, nrow=strip.shape[1])
-        for logger in trainer.loggers:  # the grid and the strip as images, at this step (wandb, TensorBoard)
-            log_image(logger, "samples", path, trainer.global_step)
-            if len(strip):
-                log_image(logger, "denoising", strip_path, trainer.global_step)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger: the grid and the strip as images, at this step
+                logger.log_image("samples", [str(path)], step=trainer.global_step)
+                if len(strip):
+                    logger.log_image("denoising", [str(strip_path)], step=trainer.global_step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -139,14 +139,11 @@ class ValidationBound(L.Callback):
             local = all_gather(local).transpose(0, 1)
         return local.flatten()[:n].mean().item()
 
-    def report(self, trainer, pl_module, final: bool = False) -> None:
+    def report(self, trainer, pl_module) -> None:
         value = self.bpd(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.all_gather)
         trainer.callback_metrics[self.name] = torch.tensor(value)  # what train() returns
-        if final:  # TensorBoard also files it beside the config (HParams)
-            log_final(trainer.loggers, pl_module.config or {}, {self.name: value}, trainer.global_step)
-        else:
-            for logger in trainer.loggers:
-                logger.log_metrics({self.name: value}, step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({self.name: value}, step=trainer.global_step)
         if trainer.is_global_zero:
             print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} test "
                   f"images, K={self.timesteps})")
@@ -158,7 +155,7 @@ class ValidationBound(L.Callback):
             self.report(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.report(trainer, pl_module, final=True)
+        self.report(trainer, pl_module)
 
 
 class LastCheckpoint(L.Callback):
@@ -167,7 +164,9 @@ class LastCheckpoint(L.Callback):
     At the end of training, when ModelCheckpoint's interval did not land on the final step. On SIGTERM
     (SLURM, cloud preemption) or SIGINT (Ctrl-C): the current optimizer step finishes, last.ckpt is saved at
     that step (atomically), and training stops with `Preempted`, whose message says how to continue
-    (`python train.py ckpt_path=last`).
+    (`python train.py ckpt_path=last`). On SIGUSR2, which submitit's SLURM jobs get `signal_delay_s` before their
+    time limit (hydra/launcher=slurm_ddp), the same, then submitit's own handler requeues the job; the requeued
+    job continues from this last.ckpt (ddpmlab.training.requeued_job).
 
     The handlers only set a flag, so a signal never interrupts a step or a checkpoint write half-way. Under
     DDP the flag is OR-reduced across ranks every `check_every_n_steps` steps (a collective is a host sync,
@@ -177,7 +176,8 @@ class LastCheckpoint(L.Callback):
     saved where that is safe (on_exception) and the error's line says where it is.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+    REQUEUE = signal.SIGUSR2  # submitit's time-limit signal, its handler kept to requeue once last.ckpt is saved
     RESUME = "continue this run with: python train.py ckpt_path=last (same overrides)"
 
     def __init__(self, dirpath: str, check_every_n_steps: int = 10):
@@ -207,6 +207,8 @@ class LastCheckpoint(L.Callback):
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         signum = self.received or signal.SIGTERM  # another rank's signal
+        if signum == self.REQUEUE and callable(self._previous.get(signum)):
+            self._previous[signum](signum, None)  # submitit's: rank 0 requeues the job and exits; the others return
         raise Preempted(signum, f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; "
                                 f"{self.RESUME}")
 

@@ -4,7 +4,9 @@ import copy
 import time
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ddpmlab.diffusion import GaussianDiffusion
@@ -42,6 +44,7 @@ class DiffusionModule(L.LightningModule):
             (one scalar host sync per step to decide) and is counted in `train/skipped_steps`. Under 16-mixed,
             the GradScaler handles overflowing gradients itself; a collapsed loss scale stops the run.
         config: the resolved run config, stored in every checkpoint under "config".
+        seed: the run's seed; under DDP, rank r > 0 draws from rank_seed(seed, r) (see `setup`).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class DiffusionModule(L.LightningModule):
         on_nonfinite: str = "stop",
         fused: bool = False,
         config: dict | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if not (isinstance(lr, (int, float)) and lr > 0):
@@ -73,7 +77,7 @@ class DiffusionModule(L.LightningModule):
         self.timestep_sampler = timestep_sampler or UniformTimesteps(diffusion.num_timesteps)
         self.lr, self.warmup_steps, self.adam_betas, self.weight_decay = lr, warmup_steps, tuple(adam_betas), weight_decay
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
-        self.config, self.on_nonfinite, self.fused = config, on_nonfinite, fused
+        self.config, self.on_nonfinite, self.fused, self.seed = config, on_nonfinite, fused, seed
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         self.register_buffer("skipped_steps", torch.tensor(0), persistent=False)
         self._loss_finite: Tensor | None = None
@@ -179,6 +183,13 @@ class DiffusionModule(L.LightningModule):
                 "a lower optim.lr, or train with trainer.precision=bf16-mixed or 32-true"
             )
 
+    def setup(self, stage: str) -> None:
+        """Every DDP process is seeded alike (so all build the same initial weights); from here on rank r > 0 draws
+        from its own stream, rank_seed(seed, r), so the ranks' t, eps, dropout masks and flips differ: otherwise N
+        ranks would give N images the same N draws. Rank 0 keeps the stream a single process draws."""
+        if stage == "fit" and self.trainer.global_rank > 0:
+            torch.manual_seed(rank_seed(self.seed, self.trainer.global_rank))
+
     def on_fit_start(self) -> None:
         self._ema_pairs = None  # the module may have moved device since the last fit
 
@@ -235,13 +246,29 @@ class DiffusionModule(L.LightningModule):
         self.check_finite()  # a checkpoint of NaN weights is never written over the last good one
         if self.config is not None:
             checkpoint["config"] = self.config
-        # The global RNG draws t, eps, dropout and flips: saved so a resumed run continues the same stream.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        # The global RNG draws t, eps, dropout and flips: every rank's state is saved so that a resumed run continues
+        # each rank's stream. "torch" and "cuda" are rank 0's (a single process's), "other_ranks" those of ranks 1...
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        mine = {"torch": torch.get_rng_state(), "cuda": cuda}
+        states = [mine]
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank saves (Lightning's rule): all meet
+            states = [None] * self.trainer.world_size
+            dist.all_gather_object(states, mine)
+        checkpoint["rng_states"] = {**states[0], "other_ranks": states[1:]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("rng_states")
-        if states:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        ranks = [states, *states.get("other_ranks", [])] if states else []
+        if rank >= len(ranks):  # a rank the saved run did not have keeps its own stream from `setup`
+            return
+        torch.set_rng_state(ranks[rank]["torch"])
+        cuda = ranks[rank]["cuda"]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of DDP rank `rank`'s global RNG: a 64-bit hash of (seed, rank) by numpy's SeedSequence, so that no
+    rank's stream is a shifted copy of another's, nor of a run with another seed."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])

@@ -1,6 +1,7 @@
 """Build everything a run needs from the composed config, and train."""
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     optimize_network(model, channels_last=channels_last)  # before the EMA copy: it inherits the memory format
     timestep_sampler = build(cfg.timestep_sampler, num_timesteps=diffusion.num_timesteps)
     config = OmegaConf.to_container(cfg, resolve=True)
-    module = DiffusionModule(model, diffusion, timestep_sampler, config=config, **cfg.optim)
+    module = DiffusionModule(model, diffusion, timestep_sampler, config=config, seed=cfg.seed, **cfg.optim)
     # after the EMA copy (a deep copy of a compiled module would call the original); the EMA samples uncompiled
     optimize_network(module.model, compile=compile)
     return module
@@ -107,6 +108,13 @@ def resolve_last(cfg: DictConfig) -> Path:
     return found[-1]
 
 
+def requeued_job() -> bool:
+    """Whether this process is a job that SLURM restarted (SLURM_RESTART_COUNT: after preemption or `scontrol
+    requeue`) or that submitit runs (its requeue after a time-limit signal keeps the job's run folder, as SLURM's
+    does). Such a job whose run folder holds last.ckpt continues from it, as with ckpt_path=last."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 or "SUBMITIT_EXECUTOR" in os.environ
+
+
 def _check_output_dir(output_dir: Path) -> None:
     """Refuse to write into a run folder that already holds an earlier run's checkpoints."""
     ckpts = output_dir / "checkpoints"
@@ -151,6 +159,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with open_dict(cfg):
             cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
     output_dir = Path(cfg.paths.output_dir)
+    own_last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path is None and own_last.is_file() and requeued_job():
+        log.warning(f"requeued job: continuing from {own_last}")
+        with open_dict(cfg):
+            cfg.ckpt_path = str(own_last)
     if cfg.ckpt_path is None or Path(cfg.ckpt_path).resolve().parent != (output_dir / "checkpoints").resolve():
         _check_output_dir(output_dir)  # a run continued in place may of course hold its own checkpoints
     L.seed_everything(cfg.seed, workers=True, verbose=False)
