@@ -13,6 +13,7 @@ from ddpmlab.data import to_model_range
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
+from ddpmlab.loggers import log_final, log_image
 from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
 from ddpmlab.progress import in_terminal
 
@@ -80,11 +81,10 @@ class SampleGrid(L.Callback):
         strip_path = self.dirpath / f"denoising_{name}"
         if len(strip):  # (rows, columns, ...) -> rows of columns
             torchvision.utils.save_image(strip.flatten(0, 1), strip_path, nrow=strip.shape[1])
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger: the grid and the strip as images, at this step
-                logger.log_image("samples", [str(path)], step=trainer.global_step)
-                if len(strip):
-                    logger.log_image("denoising", [str(strip_path)], step=trainer.global_step)
+        for logger in trainer.loggers:  # the grid and the strip as images, at this step (wandb, TensorBoard)
+            log_image(logger, "samples", path, trainer.global_step)
+            if len(strip):
+                log_image(logger, "denoising", strip_path, trainer.global_step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -139,11 +139,14 @@ class ValidationBound(L.Callback):
             local = all_gather(local).transpose(0, 1)
         return local.flatten()[:n].mean().item()
 
-    def report(self, trainer, pl_module) -> None:
+    def report(self, trainer, pl_module, final: bool = False) -> None:
         value = self.bpd(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.all_gather)
         trainer.callback_metrics[self.name] = torch.tensor(value)  # what train() returns
-        for logger in trainer.loggers:
-            logger.log_metrics({self.name: value}, step=trainer.global_step)
+        if final:  # TensorBoard also files it beside the config (HParams)
+            log_final(trainer.loggers, pl_module.config or {}, {self.name: value}, trainer.global_step)
+        else:
+            for logger in trainer.loggers:
+                logger.log_metrics({self.name: value}, step=trainer.global_step)
         if trainer.is_global_zero:
             print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} test "
                   f"images, K={self.timesteps})")
@@ -155,7 +158,7 @@ class ValidationBound(L.Callback):
             self.report(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.report(trainer, pl_module)
+        self.report(trainer, pl_module, final=True)
 
 
 class LastCheckpoint(L.Callback):
