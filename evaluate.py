@@ -8,13 +8,15 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("DDPMLAB_ROOT", str(Path(__file__).resolve().parent))
 
-from ddpmlab import cli  # noqa: E402
-from ddpmlab.evaluation import evaluate  # noqa: E402
+from ddpmlab import cli, schema  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with cli.reported_errors(cfg):  # in a multirun a failed run is recorded and the block left
+    # the config is checked first; in a multirun a failed run is recorded and the block left
+    with cli.reported_errors(cfg, schema.check_eval):
+        from ddpmlab.evaluation import evaluate  # after the check: a refused value never waits for torch
+
         evaluate(cfg)
         print(f"results: {Path(cfg.paths.output_dir) / 'metrics.json'}")
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 CASES = [
     ("timesteps_zero", "train", "schedule.timesteps=0", "error: schedule.timesteps must be a positive integer"),
     ("timesteps_not_a_number", "train", "schedule.timesteps=many", "error: schedule.timesteps must be a positive integer"),
-    ("batch_size_zero", "train", "data.batch_size=0", "error: data.batch_size must be at least 1"),
+    ("batch_size_zero", "train", "data.batch_size=0", "error: data.batch_size must be a positive integer, got 0"),
     ("negative_lr", "train", "optim.lr=-0.001", "error: optim.lr must be a positive number"),
     ("lr_not_a_number", "train", "optim.lr=fast", "error: optim.lr must be a positive number"),
     ("ema_decay_above_one", "train", "optim.ema_decay=1.5", "error: optim.ema_decay must be in [0, 1)"),
@@ -38,8 +38,8 @@ CASES = [
     ("image_size_not_halvable", "train", "data.image_size=27", "error: model: image size 27 cannot be halved"),
     ("channels_not_divisible_by_groups", "train", "model.ch=24", "error: model: channel counts [24, 48]"),
     ("heads_not_dividing_channels", "train", "model.num_heads=3", "error: model.num_heads=3 does not divide"),
-    ("unknown_key", "train", "no_such_key=1", "Could not override 'no_such_key'."),
-    ("unknown_group_option", "train", "model=transformer", "In 'config': Could not find 'model/transformer'"),
+    ("unknown_key", "train", "no_such_key=1", "error: Could not override 'no_such_key'."),
+    ("unknown_group_option", "train", "model=transformer", "error: In 'config': Could not find 'model/transformer'"),
     ("missing_data_folder", "train", "data=mnist data.root=/nonexistent/folder",
      "error: data.root=/nonexistent/folder does not exist"),
     ("data_root_is_a_file", "train", "data=mnist data.root={file}", "error: data.root={file} is not a folder"),
@@ -60,15 +60,19 @@ CASES = [
     ("evaluate_unwritable_output_folder", "evaluate", "ckpt={good} metrics=[fid] paths.output_dir={file}/eval",
      "error: cannot write to {file}/eval (Not a directory)"),
     ("evaluate_missing_checkpoint", "evaluate", "ckpt=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
-    ("evaluate_unknown_metric", "evaluate", "ckpt={good} metrics=[fid,bogus]", "error: metrics=['fid', 'bogus'] has unknown"),
-    ("evaluate_unknown_sampler", "evaluate", "ckpt={good} metrics=[fid] sampler=heun", "error: sampler='heun' is unknown"),
+    ("evaluate_unknown_metric", "evaluate", "ckpt={good} metrics=[fid,bogus]",
+     "error: metrics must be a list of one or more values, each one of nll, nll_estimate, fid, is, kid, "
+     "got ['fid', 'bogus']"),
+    ("evaluate_unknown_sampler", "evaluate", "ckpt={good} metrics=[fid] sampler=heun",
+     "error: sampler must be one of ancestral, respaced, ddim, dpm_solver or a list"),
     ("evaluate_steps_out_of_range", "evaluate", "ckpt={good} metrics=[fid] sampler=ddim sampling_steps=0",
-     "error: sampling_steps=0 must be an integer between 1 and T=50"),
+     "error: sampling_steps must be a positive integer or a list"),
     ("evaluate_ancestral_with_fewer_steps", "evaluate", "ckpt={good} metrics=[fid] sampling_steps=10",
      "error: the ancestral sampler runs all T=50 steps"),
     ("evaluate_more_nll_images_than_the_test_split", "evaluate", "ckpt={good} metrics=[nll] nll.num_images=999999",
      "error: nll.num_images=999999 is outside 1..10000"),
-    ("evaluate_too_few_samples", "evaluate", "ckpt={good} metrics=[fid] num_samples=1", "error: num_samples=1 is too few"),
+    ("evaluate_too_few_samples", "evaluate", "ckpt={good} metrics=[fid] num_samples=1",
+     "error: num_samples must be at least 2 for ['fid'], got 1"),
 ]
 
 

@@ -71,7 +71,7 @@ def test_a_refused_start_never_removes_a_folder_it_did_not_create(tmp_path, user
         (mine / users_file).write_text("the user's notes\n")
     result = run_train(str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={mine}", "data.batch_size=0",
                        cwd=tmp_path)
-    assert result.returncode == 2 and error_line(result).startswith("error: data.batch_size must be at least 1")
+    assert result.returncode == 2 and error_line(result).startswith("error: data.batch_size must be a positive integer")
     assert mine.is_dir()
     if users_file:
         assert (mine / users_file).read_text() == "the user's notes\n"

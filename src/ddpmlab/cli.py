@@ -4,7 +4,7 @@
 |---|---|
 | 1 | a bug: an unexpected exception, with its traceback |
 | 2 | bad input: a config value, an override Hydra cannot compose, data, a checkpoint, a full disk (ConfigError) |
-| 2 | out of host or GPU memory, at any moment: one line naming what to lower (ddpmlab.memory) |
+| 2 | what a library raised while setting up, before the first step: one line naming the config key it came from |
 | 3 | training met NaN/Inf with optim.on_nonfinite=stop (NonFiniteLoss) |
 | 4 | a multirun ended in which some runs failed: summary.md gives each run's exit code and reason |
 | 128 + signal | preempted by SIGTERM (143) or SIGINT (130) after saving a checkpoint (Preempted) |
@@ -15,17 +15,20 @@ which would end the whole sweep with no summary. A preempted run still ends the 
 """
 
 import os
+import re
 import sys
 import traceback
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
+from ddpmlab.schema import leaves
 from ddpmlab.sweeps import record_status, summarise
 
 _task_started = False
@@ -55,9 +58,9 @@ class RunGuard(Callback):
 
 
 @contextmanager
-def reported_errors(cfg):
-    """Around an entry point's work: check that cfg.paths.output_dir is writable, then turn our errors into
-    their line and exit code (table above).
+def reported_errors(cfg, check=None):
+    """Around an entry point's work: `check(cfg)` (ddpmlab.schema's rules) and that cfg.paths.output_dir is
+    writable, then turn errors into their line and exit code (table above).
 
     A run alone that fails on bad input removes its run folder only when this process made it and, at that
     moment, it holds nothing but the files Hydra wrote. In a multirun every outcome is recorded in the run's
@@ -71,12 +74,15 @@ def reported_errors(cfg):
     multirun = hydra.mode == RunMode.MULTIRUN
     if multirun:
         _start_multirun_job(hydra)
+    if isinstance(sys.stderr, _HeldStderr):
+        sys.stderr = sys.stderr.release()
     try:
+        if check is not None:
+            check(cfg)  # before anything is written: paths.output_dir itself may be the bad value
         _check_writable(Path(cfg.paths.output_dir))
         yield
     except Exception as err:
-        code, line = _outcome(err)
-        line += "".join(f"; {note}" for note in getattr(err, "__notes__", ()))  # e.g. the checkpoint saved
+        code, line = _outcome(err, cfg)
         if multirun:
             if code == 1:
                 traceback.print_exc()  # a bug: its traceback belongs in the run's log
@@ -96,14 +102,24 @@ def reported_errors(cfg):
 
 def run(hydra_main) -> None:
     """Call a @hydra.main function. Hydra reports a config it cannot compose (an unknown key or option, a
-    malformed override) in its own words and exits 1 before the task starts: that is bad input, so exit 2.
+    malformed override) in its own words, several lines, and exits 1 before the task starts: that is bad input,
+    so its report becomes one line and exit 2 (HYDRA_FULL_ERROR=1: Hydra's own report, untouched).
     A multirun in which some runs failed ends with one line naming them and exit 4."""
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        sys.stderr = _HeldStderr(sys.stderr)
     try:
         hydra_main()
     except SystemExit as exit_:
         if exit_.code == 1 and not _task_started:
+            if isinstance(sys.stderr, _HeldStderr):
+                report = sys.stderr.text()
+                sys.stderr = sys.stderr.real
+                _exit(f"error: {_one_line(report) or 'the config cannot be composed'}", 2)
             raise SystemExit(2) from None
         raise
+    finally:
+        if isinstance(sys.stderr, _HeldStderr):
+            sys.stderr = sys.stderr.release()
     if _multirun_failed:
         _exit(_multirun_failed, 4)
 
@@ -131,7 +147,78 @@ def _start_multirun_job(hydra) -> None:
     OmegaConf.set_readonly(hydra, True)
 
 
-def _outcome(err: Exception) -> tuple[int, str]:
+class _HeldStderr:
+    """stderr held back until the task starts, so that Hydra's report of a config it cannot compose can be
+    turned into one line; released unchanged (and written through from then on) when the task starts."""
+
+    def __init__(self, real):
+        self.real, self.held = real, []
+
+    def write(self, text: str) -> int:
+        if self.held is None:
+            return self.real.write(text)
+        self.held.append(text)
+        return len(text)
+
+    def text(self) -> str:
+        return "".join(self.held or [])
+
+    def release(self):
+        """Write what was held; returns the real stream."""
+        if self.held is not None:
+            self.real.write(self.text())
+            self.held = None
+        return self.real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _one_line(report: str) -> str:
+    """Hydra's report as one line: its hint about HYDRA_FULL_ERROR, indented details (full_key, object_type) and
+    the config search path dropped, a list of options joined ("Available options in 'model': unet, unet_cifar10")."""
+    report = report.split("Config search path:")[0]
+    parts = []
+    for line in report.splitlines():
+        if not line.strip() or line.startswith(("Set the environment variable HYDRA_FULL_ERROR", " ")):
+            continue
+        if line.startswith("\t") and parts and parts[-1].endswith((":", ",")):
+            parts[-1] += f" {line.strip()},"
+        else:
+            parts.append(line.strip())
+    return " ".join(p.rstrip(",") for p in parts)
+
+
+# Where a traceback shows that the work had begun (a training step, evaluation's metrics): an error there is not
+# a setup error. Lightning's fit loop runs the epochs in `advance` and the final callbacks in `on_run_end`.
+_WORK = {("fit_loop.py", "advance"), ("fit_loop.py", "on_advance_end"), ("fit_loop.py", "on_run_end"),
+         ("evaluation.py", "_per_example"), ("evaluation.py", "sample_metrics"), ("evaluation.py", "write_results")}
+
+
+def _in_setup(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return not any((Path(f.filename).name, f.name) in _WORK for f in frames)
+
+
+def _setup_line(err: BaseException, cfg) -> str:
+    """One line for what a library (Hydra's instantiate, Lightning, torch, a reader) raised during setup: the
+    config key it came from (Hydra names the node it instantiated; within it, a key the message names), and what
+    it said."""
+    within = ""
+    if isinstance(err, InstantiationException):
+        found = re.search(r"full_key: (\S+)", str(err))
+        within = found.group(1) if found else ""
+        err = err.__cause__ or err
+    said = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    named = {k: v for k, v in leaves(cfg) if (not within or k.startswith(f"{within}."))
+             and re.search(rf"\b{re.escape(k.split('.')[-1])}\b", said)}
+    key = max(named, key=len) if named else within or "the config"
+    named = f"{key}={named[key]}" if named else key
+    return (f"{named} failed while setting up, before the first step: {said}: fix {key} "
+            "(HYDRA_FULL_ERROR=1 shows the trace)")
+
+
+def _outcome(err: Exception, cfg=None) -> tuple[int, str]:
     """An error's exit code and line (table above)."""
     if isinstance(err, ConfigError):
         return 2, f"error: {err}"
@@ -139,10 +226,8 @@ def _outcome(err: Exception) -> tuple[int, str]:
         return 3, f"error: {err}"
     if isinstance(err, Preempted):
         return 128 + err.signum, f"preempted: {err}"
-    from ddpmlab.memory import out_of_memory_line  # imports torch: not before the config's check
-
-    if (memory := out_of_memory_line(err)) is not None:
-        return 2, f"error: {memory}"
+    if cfg is not None and _in_setup(err) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        return 2, f"error: {_setup_line(err, cfg)}"
     return 1, f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 

@@ -3,8 +3,6 @@
 import csv
 from pathlib import Path
 
-import torch
-
 
 def _pyplot():
     import matplotlib
@@ -46,8 +44,10 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path, tit
     plt.close(fig)
 
 
-def plot_schedule(betas: torch.Tensor, path: Path, title: str) -> None:
+def plot_schedule(betas: "torch.Tensor", path: Path, title: str) -> None:
     """alpha-bar and the SNR (log scale) of one beta schedule against t."""
+    import torch  # here, not at the top: cli imports this module, and a refused config exits before torch loads
+
     plt = _pyplot()
     alpha_bar = torch.cumprod(1 - betas.double(), 0)
     t = range(1, len(betas) + 1)

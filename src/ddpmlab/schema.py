@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from ddpmlab.errors import ConfigError
 
@@ -105,8 +105,8 @@ def flag(null: bool = False, fix: str = "") -> Rule:
 
 
 def choice(*options, null: bool = False, fix: str = "") -> Rule:
-    return Rule(lambda v: not isinstance(v, bool) and v in options, f"one of {', '.join(map(str, options))}", null,
-                fix, options)
+    return Rule(lambda v: any(v == o and type(v) is type(o) for o in options),
+                f"one of {', '.join(map(str, options))}", null, fix, options)
 
 
 def text(null: bool = False, fix: str = "") -> Rule:
@@ -271,7 +271,7 @@ TRAIN: dict[str, Rule] = {
 EVAL: dict[str, Rule] = {
     **{key: rule for key, rule in TRAIN.items() if key.startswith(("paths.", "logger.", "performance."))},
     "task_name": text(),
-    "ckpt": path(fix="pass ckpt=runs/<task>/<run>/checkpoints/last.ckpt"),
+    "ckpt": path(fix="pass ckpt=runs/<task>/<run>/checkpoints/last.ckpt, or ckpt=last for the newest training run"),
     "use_ema": flag(),
     "metrics": list_of(choice(*METRICS), min_length=1),
     "seed": integer(0),
@@ -280,11 +280,11 @@ EVAL: dict[str, Rule] = {
     "num_samples": integer(1),
     "sampler": either(choice(*SAMPLERS), list_of(choice(*SAMPLERS), min_length=1)),
     "sampling_steps": either(integer(1), list_of(integer(1), min_length=1), null=True, fix="null: all T steps"),
-    "eta": number(0, 1, fix="0: deterministic DDIM, 1: DDPM's stochasticity"),
+    "eta": number(0, 1),  # 0: deterministic DDIM, 1: DDPM's stochasticity
     "nll.num_images": integer(1, null=True, fix="null: the whole test split"),
     "nll.clip_denoised": flag(),
     "nll_estimate.num_images": integer(1, null=True, fix="null: the whole test split"),
-    "nll_estimate.timesteps": integer(1, fix="K = 10 draws per image is the README's setting"),
+    "nll_estimate.timesteps": integer(1),
     "feature_extractor": choice("inception", "classifier"),
     "inception_weights": path(fix="auto, fid-helper, download or a .pth path"),
     "kid_subset_size": integer(2),
@@ -338,6 +338,11 @@ def leaves(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, object]]:
             yield full, OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
 
 
+def _borrowed(cfg: DictConfig, key: str) -> bool:
+    parent, _, name = key.rpartition(".")
+    return OmegaConf.is_interpolation(OmegaConf.select(cfg, parent) if parent else cfg, name)
+
+
 def rule_for(rules: dict[str, Rule], key: str) -> Rule | None:
     return rules.get(key) or next((r for pattern, r in rules.items() if "*" in pattern and fnmatchcase(key, pattern)
                                    and pattern.count(".") == key.count(".")), None)
@@ -368,15 +373,26 @@ def _fix(key: str, rule: Rule) -> str:
     return f"e.g. {key}={default} (its default)"
 
 
-def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
-    """Every key of `cfg` against its rule, then the rules between keys; raises the first failure's line."""
-    for key, value in leaves(cfg):
+def check_train(cfg: DictConfig) -> None:
+    """train.py's config: its keys, the rules between them, then this machine (which imports torch)."""
+    check(cfg, TRAIN, TRAIN_CROSS)
+    check_machine(cfg.trainer)
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """evaluate.py's config, before the checkpoint is read (its T and data are checked once it is loaded)."""
+    check(cfg, EVAL, EVAL_CROSS)
+    check_machine(cfg.trainer)
+
+
+def check(cfg: DictConfig, rules: dict[str, Rule], cross=()) -> None:
+    """Every key of `cfg` against its rule, then the rules between keys; raises the first failure's line.
+    Keys set by value go first, so that a bad value is named where it was set, not where it is borrowed
+    (`data.root: ${paths.data_dir}`)."""
+    for key, value in sorted(leaves(cfg), key=lambda item: _borrowed(cfg, item[0])):
         rule = rule_for(rules, key)
         if rule is None:
-            if value is None and key.count(".") == 1 and key.startswith(("callbacks.", "logger.")) or (
-                    key == "logger" and value is None):
-                continue  # a callback or logger switched off
-            if key.startswith(OPEN):
+            if key.startswith(OPEN) or (key == "logger" and value is None):  # logger=null: no logger
                 continue
             raise ConfigError(f"{key} is no setting of this project (value {value!r}): remove it, or, for a new "
                               "key, add its rule to src/ddpmlab/schema.py")
@@ -384,8 +400,8 @@ def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
             raise problem(key, value, rule, rule.fix)
         if not rule.accepts(value):
             raise problem(key, value, rule, _fix(key, rule))
-    for cross in TRAIN_CROSS if rules is TRAIN else EVAL_CROSS if rules is EVAL else ():
-        cross(cfg)
+    for rule in cross:
+        rule(cfg)
 
 
 def _sample_grid_steps(cfg) -> None:
@@ -433,9 +449,6 @@ def _sample_metrics_need_samples(cfg) -> None:
     if wanted and cfg.num_samples < 2:
         raise problem("num_samples", cfg.num_samples, f"at least 2 for {wanted}", "set num_samples=50000 (the "
                       "papers' count) or fewer for a quick look")
-    if "kid" in wanted and cfg.kid_subset_size > cfg.num_samples:
-        raise problem("kid_subset_size", cfg.kid_subset_size, f"at most num_samples={cfg.num_samples}",
-                      f"set kid_subset_size={cfg.num_samples} or fewer")
 
 
 TRAIN_CROSS = (_sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops)
