@@ -14,7 +14,11 @@ def _pyplot():
 
 
 def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Lightning's CSVLogger file as {metric: [(steps done, value), ...]} (its `step` column counts from 0)."""
+    """Lightning's CSVLogger file as {metric: [(steps done, value), ...]}.
+
+    Lightning logs a training step's values (train/*) at the step's index from 0, and values measured between
+    steps (val/bpd, as Lightning's own validation) at the number of steps done.
+    """
     curves: dict[str, list[tuple[int, float]]] = {}
     if not Path(metrics_csv).is_file():
         return curves
@@ -22,7 +26,8 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
         for row in csv.DictReader(f):
             for key, value in row.items():
                 if key not in ("step", "epoch") and value not in ("", None):
-                    curves.setdefault(key, []).append((int(row["step"]) + 1, float(value)))
+                    done = int(row["step"]) + key.startswith("train/")
+                    curves.setdefault(key, []).append((done, float(value)))
     return curves
 
 
