@@ -66,17 +66,24 @@ def refuse(field: str, value, why: str) -> ConfigError:
     return ConfigError(f"{field}={value!r}: {why}; there is no approximate conversion")
 
 
+def _fields(config: dict, class_name: str, defaults: dict, fixed: dict, why: str) -> dict:
+    """`config` with diffusers' defaults for the fields it leaves out. Another class, a field the class has not, or
+    a value other than `fixed`'s is refused in one line naming the field."""
+    if config.get("_class_name", class_name) != class_name:
+        raise refuse("_class_name", config["_class_name"], f"ours is the model of diffusers' {class_name}")
+    c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    unknown = sorted(set(c) - set(defaults))
+    if unknown:
+        raise refuse(unknown[0], c[unknown[0]], f"{class_name} has no such field, so this model is another one")
+    for key, value in fixed.items():
+        if c[key] != value:
+            raise refuse(key, c[key], f"{why} (only {key}={value!r})")
+    return c
+
+
 def model_from_unet(config: dict) -> dict:
     """Our U-Net's arguments (conf/model keys, out_channels included) from a UNet2DModel config.json."""
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise refuse("_class_name", config["_class_name"], "only diffusers' UNet2DModel has our U-Net's layout")
-    c = {**UNET_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    unknown = sorted(set(c) - set(UNET_DEFAULTS))
-    if unknown:
-        raise refuse(unknown[0], c[unknown[0]], "UNet2DModel has no such field, so this network is another one")
-    for key, value in UNET_FIXED.items():
-        if c[key] != value:
-            raise refuse(key, c[key], f"our U-Net has only {value!r}")
+    c = _fields(config, "UNet2DModel", UNET_DEFAULTS, UNET_FIXED, "our U-Net has no equivalent")
     if c["act_fn"] not in ("silu", "swish"):
         raise refuse("act_fn", c["act_fn"], "our U-Net uses silu (swish)")
     if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
@@ -180,16 +187,8 @@ def unet_from_model(model: dict, out_channels: int) -> dict:
 
 def diffusion_from_scheduler(config: dict | None) -> tuple[dict, dict]:
     """(our schedule config, our diffusion's prediction/variance) from a DDPMScheduler scheduler_config.json."""
-    config = config or {}
-    if config.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
-        raise refuse("_class_name", config["_class_name"], "the scheduler of a DDPM is diffusers' DDPMScheduler")
-    c = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    unknown = sorted(set(c) - set(SCHEDULER_DEFAULTS))
-    if unknown:
-        raise refuse(unknown[0], c[unknown[0]], "DDPMScheduler has no such field")
-    for key, value in SCHEDULER_FIXED.items():
-        if c[key] != value:
-            raise refuse(key, c[key], f"our samplers clip x_0 to [-1, 1] as Ho et al. do ({key}={value!r})")
+    c = _fields(config or {}, "DDPMScheduler", SCHEDULER_DEFAULTS, SCHEDULER_FIXED,
+                "our samplers clip x_0 to [-1, 1] as Ho et al. do")
     if c["variance_type"] not in VARIANCES:
         raise refuse("variance_type", c["variance_type"], f"ours are {', '.join(VARIANCES)} (diffusers' 'learned' "
                      "reads the output as a variance, ours as a log variance)")
