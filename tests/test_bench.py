@@ -131,6 +131,10 @@ def test_the_benchmark_runs_both_sides_and_writes_its_table(tmp_path):
     assert all(f"| fashion_mnist | {metric} |" in table for metric in rows)
     assert "| fashion_mnist | training throughput |" in done.stdout
     assert "| ddpmlab's gain (higher is better) | interval | verdict |" in table and "(paired)" not in table
+    loader = preset["loader"]  # the streaming loader (data=shards) against the in-memory path, in the same rounds
+    assert len(loader["raw_seconds"]["shards"]) == len(loader["raw_seconds"]["in memory"]) == 2
+    assert loader["shards"] > 0 and loader["in memory"] > 0 and loader["ratio"]["rounds"] == 2
+    assert "| fashion_mnist | training throughput, streamed from shards | images/s |" in table
 
 
 def test_stored_results_are_recomputed_from_their_raw_numbers(tmp_path):

@@ -1,7 +1,8 @@
 """Datasets as uint8 image tensors, and the LightningDataModule that feeds them as floats in [-1, 1].
 
 Every reader returns the whole split as a uint8 tensor (N, C, H, W): the small datasets of diffusion
-research fit in memory, and batches then cost one index. Scaling to [-1, 1] and the random flip happen
+research fit in memory, and batches then cost one index. Data beyond RAM comes as shards (ddpmlab.shards):
+the same DataModule indexes them from disk and streams training batches from them. Scaling to [-1, 1] and the random flip happen
 after the batch reaches the device (`on_after_batch_transfer`).
 """
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpmlab.errors import ConfigError
+from ddpmlab.shards import ShardImages, read_shards, split_folder, train_loader
 
 # Where Debian's `dataset-fashion-mnist` package puts the gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -27,11 +29,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 NO_HELD_OUT = "train images (no held-out split)"  # test_split's label when the NLL is on training images
 
 
-def _require_root(root: Path, name: str) -> None:
+def _require_root(root: Path, name: str, key: str = "data.root") -> None:
     if root.exists() and not root.is_dir():
-        raise ConfigError(f"data.root={root} is not a folder: point data.root at the folder that holds {name}")
+        raise ConfigError(f"{key}={root} is not a folder: point {key} at the folder that holds {name}")
     if not root.is_dir():
-        raise ConfigError(f"data.root={root} does not exist: point data.root at the folder that holds {name}")
+        raise ConfigError(f"{key}={root} does not exist: point {key} at the folder that holds {name}")
 
 
 def _from_debian_package(root: Path) -> None:
@@ -129,7 +131,7 @@ def _composite(img: Image.Image, background: tuple[int, int, int] | None, path: 
     return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), img.convert("RGBA"))
 
 
-def _load_image(path: Path, image_size: int, channels: int, background: tuple[int, int, int] | None) -> Tensor:
+def load_image(path: Path, image_size: int, channels: int, background: tuple[int, int, int] | None) -> Tensor:
     """One image file as uint8 (C, S, S): upright by its EXIF orientation, 8-bit, transparency composited onto
     `background`, shorter side resized to image_size, centre-cropped."""
     try:
@@ -142,6 +144,11 @@ def _load_image(path: Path, image_size: int, channels: int, background: tuple[in
         img = img.convert("L" if channels == 1 else "RGB")
     except ValueError as err:
         raise ConfigError(f"cannot convert image {path} ({err}): save it as RGB or grayscale") from None
+    return resize_crop(img, image_size, channels)
+
+
+def resize_crop(img: Image.Image, image_size: int, channels: int) -> Tensor:
+    """An 8-bit L or RGB image -> uint8 (C, S, S): the shorter side resized to S (bicubic), then centre-cropped."""
     scale = image_size / min(img.size)
     img = img.resize((max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))),
                      Image.BICUBIC)
@@ -174,17 +181,20 @@ def image_folder_split(root: Path, files: list[Path], test_fraction: float, spli
     return train, test
 
 
+def image_files(root: Path, key: str = "data.root") -> list[Path]:
+    """Every image file below root, at any depth, sorted; `key` names the setting in the error messages."""
+    _require_root(root, "your images", key)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(f"{key}={root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): point {key} at your images")
+    return files
+
+
 def read_image_folder(root: Path, train: bool, image_size: int = 32, channels: int = 3, test_fraction: float = 0.0,
                       split_seed: int = 0, background: tuple[int, int, int] | None = (255, 255, 255), **_) -> Tensor:
     """The images of one split (image_folder_split) under root, searched recursively, resized and centre-cropped."""
-    _require_root(root, "your images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ConfigError(
-            f"data.root={root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): point data.root at your images"
-        )
-    train_files, test_files = image_folder_split(root, files, test_fraction, split_seed)
-    return torch.stack([_load_image(p, image_size, channels, background)
+    train_files, test_files = image_folder_split(root, image_files(root), test_fraction, split_seed)
+    return torch.stack([load_image(p, image_size, channels, background)
                         for p in (train_files if train else test_files)])
 
 
@@ -203,6 +213,7 @@ READERS = {
     "mnist": read_mnist,
     "cifar10": read_cifar10,
     "image_folder": read_image_folder,
+    "shards": read_shards,  # `python -m ddpmlab.prepare`'s output, streamed from disk (ddpmlab.shards)
 }
 
 
@@ -278,6 +289,8 @@ class DiffusionDataModule(L.LightningDataModule):
             root has no test/ folder, and the seed of which (image_folder_split).
         background: image_folder only: the colour (a Pillow name or #rrggbb) that transparent pixels are
             composited onto; None refuses images with transparency.
+        path: shards only: the folder `python -m ddpmlab.prepare` wrote; its splits are read from disk as
+            needed (ShardImages) and training streams them (ddpmlab.shards).
     """
 
     def __init__(
@@ -295,6 +308,7 @@ class DiffusionDataModule(L.LightningDataModule):
         test_fraction: float = 0.0,
         split_seed: int = 0,
         background: str | None = "white",
+        path: str | None = None,
     ):
         super().__init__()
         if dataset not in READERS:
@@ -315,16 +329,16 @@ class DiffusionDataModule(L.LightningDataModule):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.num_workers = batch_size, num_workers
         self.random_flip, self.download, self.verify_checksums = random_flip, download, verify_checksums
-        self.seed = seed
-        self.train_images: Tensor | None = None
-        self.test_images: Tensor | None = None
+        self.seed, self.path = seed, path
+        self.train_images: Tensor | ShardImages | None = None
+        self.test_images: Tensor | ShardImages | None = None
 
     def read(self, train: bool) -> Tensor:
         """The whole split as uint8 (N, C, H, W), checked against image_size and channels."""
         images = READERS[self.dataset](
             self.root, train=train, download=self.download, image_size=self.image_size, channels=self.channels,
             verify_checksums=self.verify_checksums, test_fraction=self.test_fraction, split_seed=self.split_seed,
-            background=self.background,
+            background=self.background, path=self.path,
         )
         if tuple(images.shape[1:]) != (self.channels, self.image_size, self.image_size):
             raise ConfigError(
@@ -336,6 +350,8 @@ class DiffusionDataModule(L.LightningDataModule):
     @property
     def test_split(self) -> str:
         """What test_images are, for the labels of the numbers measured on them."""
+        if self.dataset == "shards":
+            return "test" if split_folder(Path(self.path).expanduser(), train=False).name == "test" else NO_HELD_OUT
         if self.dataset != "image_folder":
             return "test"
         if (self.root / "test").is_dir():
@@ -354,6 +370,9 @@ class DiffusionDataModule(L.LightningDataModule):
         trainer = self.trainer
         # A resumed fit asks for its loader after the checkpoint is restored: start at the next batch.
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        if isinstance(self.train_images, ShardImages):  # streamed from disk, positioned at each iter() likewise
+            taken = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else None
+            return train_loader(self.train_images, self.batch_size, self.num_workers, self.seed, taken)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batches = StepBatchSampler(len(self.train_images), self.batch_size, self.seed, start, rank, world)
         # Its own generator: creating an iterator must not draw from the global RNG (resumes stay exact).

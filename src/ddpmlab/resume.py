@@ -29,7 +29,7 @@ DEFINING = ("model", "diffusion", "schedule", "timestep_sampler", "data", "optim
             "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
 # ...except where the data is read from (it may have moved to another machine) and how fast, what a non-finite
 # step does, and Adam's kernel (the same update): they change how the run goes, not what it learns.
-FREE = INEXACT + ("data.root", "data.download", "data.verify_checksums", "data.num_workers",
+FREE = INEXACT + ("data.root", "data.path", "data.download", "data.verify_checksums", "data.num_workers",
                   "optim.on_nonfinite", "optim.fused")
 
 

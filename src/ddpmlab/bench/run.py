@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
+from ddpmlab.bench.loader import loader_rows, loader_table
 from ddpmlab.bench.measure import bf16_peak, count_flops, describe, synchronize, timed
 from ddpmlab.bench.peer import Peer, import_diffusers
 from ddpmlab.bench.report import SIDES, add_gains, table
@@ -67,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peer-channels-last", action="store_true", help="give diffusers the NHWC format too")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak-memory rows (unlike the timings, not sensitive to a busy machine)")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="only the row of the streaming loader (data=shards) against the in-memory path")
     parser.add_argument("--recompute", type=Path, metavar="FILE.json",
                         help="measure nothing: rebuild the table of stored results from their raw numbers, in place")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<device>-<precision>.json)")
@@ -145,11 +148,13 @@ class Alternate(L.Callback):
                   f"per {self.args.block} step(s)", flush=True)
 
 
-def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks=()) -> None:
-    """ddpmlab's Trainer.fit for `steps` steps on in-memory random uint8 images (no logger, no checkpoint)."""
-    data = build(cfg.data)
-    data.train_images = torch.randint(0, 256, (args.batch * 8, cfg.data.channels, cfg.data.image_size,
-                                               cfg.data.image_size), dtype=torch.uint8)
+def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks=(), data=None, images=None) -> None:
+    """ddpmlab's Trainer.fit for `steps` steps (no logger, no checkpoint) from `data`, by default the in-memory
+    path's uint8 `images` (random ones if None)."""
+    if data is None:
+        data = build(cfg.data)
+        data.train_images = images if images is not None else torch.randint(
+            0, 256, (args.batch * 8, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build(cfg.trainer, max_steps=steps, logger=False, callbacks=list(callbacks),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -295,7 +300,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     memory = memory_rows(preset, args)
     return {"parameters": params, "train_gflop_per_image": train_flops / 1e9,
             "sample_gflop_per_image": sample_flops / 1e9, "full_sampler_steps": full_steps,
-            "nll_terms_timed": len(terms), "rows": rows + memory["rows"],
+            "nll_terms_timed": len(terms), "rows": rows + memory["rows"], "loader": loader_rows(cfg, module, args, fit),
             "raw_seconds": {"training_blocks": training.times, "sampling_rounds": sampling,
                             "full_sampler": full, "nll_rounds": nll}, "raw_mib": memory["raw_mib"]}
 
@@ -315,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         "device": describe(args.device), "threads": torch.get_num_threads(), "precision": args.precision,
         "batch": args.batch, "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
         "sample_steps": args.sample_steps, "peer_channels_last": args.peer_channels_last,
-        "overrides": list(args.overrides), "memory_only": args.memory_only,
+        "overrides": list(args.overrides), "memory_only": args.memory_only, "loader_only": args.loader_only,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "lightning": L.__version__,
                      "python": platform.python_version()},
         "presets": {},
     }
     for preset in presets:
-        results["presets"][preset] = memory_rows(preset, args) if args.memory_only else bench_preset(preset, args)
+        if args.loader_only:
+            cfg = preset_config(preset, args)
+            results["presets"][preset] = {"rows": [], "loader": loader_rows(cfg, build_module(cfg), args, fit)}
+        else:
+            results["presets"][preset] = memory_rows(preset, args) if args.memory_only else bench_preset(preset, args)
         add_gains(results["presets"][preset])
     write(results, args.out)
     return 0
@@ -347,7 +356,7 @@ def recompute(path: Path) -> int:
 
 def write(results: dict, out: Path) -> None:
     """The JSON (raw numbers included) and the table as Markdown beside it; the table printed."""
-    text = table(results)
+    text = table(results) + loader_table(results)
     print(text)
     header = (f"`{results['command']}`\n\n{results['device']}, {results['threads']} threads, "
               f"torch {results['versions']['torch']}, {results['date']}\n\n")

@@ -1,0 +1,148 @@
+"""python -m ddpmlab.prepare SRC --out DIR --image-size N: write a dataset as litdata shards for `data=shards`.
+
+Each image is stored as uint8 (C, N, N), its shorter side resized to N (bicubic) and centre-cropped, as Ho et al.
+prepared CelebA-HQ and LSUN (appendix B). DIR/train holds the training split; DIR/test the test split when the
+source has one (CIFAR-10, MNIST, Fashion-MNIST, an image folder with a test/ folder or --test-fraction). SRC:
+
+    PATH                  an image folder, searched at any depth, read as data=image_folder reads it
+    cifar10:ROOT          CIFAR-10's python pickles under ROOT/cifar-10-batches-py
+    mnist:ROOT            MNIST's IDX files under ROOT/MNIST/raw
+    fashion_mnist:ROOT    Fashion-MNIST under ROOT/FashionMNIST/raw (or Debian's dataset-fashion-mnist)
+    lsun:PATH             LSUN's LMDB export (e.g. church_outdoor_train_lmdb); needs `pip install lmdb`
+
+Bad arguments print one line and exit 2 before anything is written; DIR must not exist or be empty.
+"""
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageColor
+
+from ddpmlab.data import (
+    READERS, image_files, image_folder_split, load_image, read_cifar10, read_fashion_mnist, read_mnist, resize_crop,
+)
+from ddpmlab.errors import ConfigError
+from ddpmlab.shards import TEST, TRAIN, litdata
+
+DATASETS = {"cifar10": read_cifar10, "mnist": read_mnist, "fashion_mnist": read_fashion_mnist}
+CHANNELS = {"cifar10": 3, "mnist": 1, "fashion_mnist": 1, "lsun": 3, "folder": 3}
+assert set(DATASETS) <= set(READERS)  # the same readers as training's in-memory path
+
+
+class FromFiles:
+    """Image file (or LMDB key) -> uint8 (C, S, S) through data.load_image: EXIF, 8-bit, transparency, resize."""
+
+    def __init__(self, image_size: int, channels: int, background, lmdb_path: str | None = None):
+        self.image_size, self.channels, self.background, self.lmdb_path = image_size, channels, background, lmdb_path
+        self.env = None
+
+    def __call__(self, item):
+        if self.lmdb_path is None:
+            return load_image(Path(item), self.image_size, self.channels, self.background)
+        if self.env is None:  # opened in the worker process that reads (LMDB handles do not cross a fork)
+            import lmdb
+
+            self.env = lmdb.open(self.lmdb_path, readonly=True, lock=False, readahead=False, max_readers=64)
+        with self.env.begin() as txn:
+            return load_image(io.BytesIO(txn.get(item)), self.image_size, self.channels, self.background)
+
+
+class FromTensor:
+    """Index -> uint8 (C, S, S) from a split held as a uint8 (N, C, H, W) tensor (the small torchvision datasets)."""
+
+    def __init__(self, images: torch.Tensor, image_size: int, channels: int):
+        self.images, self.image_size, self.channels = images, image_size, channels
+
+    def __call__(self, index: int):
+        array = self.images[index].permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+        img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        return resize_crop(img.convert("L" if self.channels == 1 else "RGB"), self.image_size, self.channels)
+
+
+def splits(src: str, args) -> dict[str, tuple]:
+    """{split: (fn, inputs)} for SRC; every check that can fail runs here, before anything is written."""
+    kind, _, rest = src.partition(":")
+    channels = args.channels or CHANNELS.get(kind if rest else "folder", 3)
+    if rest and kind in DATASETS:
+        if args.test_fraction:
+            raise ConfigError(f"--test-fraction={args.test_fraction} is for image folders: {kind} has a test split")
+        read = lambda train: DATASETS[kind](Path(rest).expanduser(), train=train)  # noqa: E731
+        return {name: (FromTensor(images, args.image_size, channels), list(range(len(images))))
+                for name, images in ((TRAIN, read(True)), (TEST, read(False)))}
+    if rest and kind == "lsun":
+        return {TRAIN: _lsun(Path(rest).expanduser(), args.image_size, channels, args.background)}
+    if rest and not Path(src).exists():
+        raise ConfigError(f"SRC={src} is no folder and no known source: use a folder of images, "
+                          f"{', '.join(f'{k}:ROOT' for k in DATASETS)} or lsun:PATH")
+    root = Path(src).expanduser()
+    files = image_files(root, key="SRC")
+    train, test = image_folder_split(root, files, args.test_fraction, args.split_seed)
+    fn = FromFiles(args.image_size, channels, args.background)
+    out = {TRAIN: (fn, [str(p) for p in train])}
+    if train is not test:  # a held-out split exists
+        out[TEST] = (fn, [str(p) for p in test])
+    return out
+
+
+def _lsun(path: Path, image_size: int, channels: int, background):
+    try:
+        import lmdb
+    except ImportError:
+        raise ConfigError("SRC=lsun:... needs the lmdb package: `pip install lmdb` (or `pip install ddpmlab[lsun]`)") from None
+    if not (path / "data.mdb").is_file():
+        raise ConfigError(f"SRC=lsun:{path} holds no data.mdb: point it at LSUN's exported *_lmdb folder")
+    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+        keys = list(txn.cursor().iternext(values=False))
+    if not keys:
+        raise ConfigError(f"SRC=lsun:{path} holds no images")
+    return FromFiles(image_size, channels, background, lmdb_path=str(path)), keys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{message} (usage: python -m ddpmlab.prepare SRC --out DIR --image-size N)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="python -m ddpmlab.prepare", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("src", metavar="SRC")
+    parser.add_argument("--out", required=True, type=Path, help="the new folder: data.path of data=shards")
+    parser.add_argument("--image-size", required=True, type=int, help="N: the images' side after resizing")
+    parser.add_argument("--channels", type=int, choices=[1, 3], help="1 (L) or 3 (RGB); default: the source's")
+    parser.add_argument("--test-fraction", type=float, default=0.0, help="image folders: the share held out as test")
+    parser.add_argument("--split-seed", type=int, default=0, help="image folders: which images --test-fraction holds out")
+    parser.add_argument("--background", default="white", help="the colour transparent pixels are composited onto")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that encode images")
+    parser.add_argument("--chunk-bytes", default="64MB", help="the size of one shard file (litdata's chunk_bytes)")
+    args = parser.parse_args(argv)
+    if args.image_size < 1:
+        raise ConfigError(f"--image-size={args.image_size} must be at least 1: the side in pixels, e.g. 64")
+    if args.workers < 1:
+        raise ConfigError(f"--workers={args.workers} must be at least 1")
+    if not 0 <= args.test_fraction < 1:
+        raise ConfigError(f"--test-fraction={args.test_fraction} must be in [0, 1): 0.1 holds out a tenth")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise ConfigError(f"--out={args.out} exists and is not an empty folder: choose a new folder (nothing is overwritten)")
+    try:
+        args.background = ImageColor.getrgb(args.background)[:3]
+    except ValueError:
+        raise ConfigError(f"--background={args.background!r} is not a colour: use a name (white) or #rrggbb") from None
+    work = splits(args.src, args)
+    ld = litdata()
+    for name, (fn, inputs) in work.items():
+        print(f"{name}: {len(inputs)} images -> {args.out / name}", file=sys.stderr)
+        ld.optimize(fn=fn, inputs=inputs, output_dir=str(args.out / name), chunk_bytes=args.chunk_bytes,
+                    num_workers=min(args.workers, len(inputs)), keep_data_ordered=True, start_method="fork")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
