@@ -96,12 +96,16 @@ def sweep_cases(script: str, tmp: Path) -> list[dict]:
     return cases
 
 
+def _env(**extra: str) -> dict:
+    """The environment of a user's shell (no HYDRA_FULL_ERROR unless given), one thread per process."""
+    return {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore", **extra}
+
+
 def run_cases(cases: list[dict], tmp: Path) -> list[dict]:
     """Each case's exit code and stderr, from the forking helper (this file as a script)."""
     (tmp / "cases.json").write_text(json.dumps(cases))
-    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, __file__, str(tmp / "cases.json")], cwd=tmp, env=env, check=True, timeout=900)
+    subprocess.run([sys.executable, __file__, str(tmp / "cases.json")], cwd=tmp, env=_env(), check=True, timeout=900)
     return json.loads((tmp / "cases.json").read_text())
 
 
@@ -146,9 +150,7 @@ def test_every_bad_value_ends_in_one_line_exit_2_and_leaves_nothing(tmp_path, sc
 
 
 def _run(script: str, *args: str, cwd: Path, python: tuple = (), **env: str) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", **env}
-    return subprocess.run([sys.executable, *python, str(ROOT / f"{script}.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, *python, str(ROOT / f"{script}.py"), *args], cwd=cwd, env=_env(**env),
                           capture_output=True, text=True, timeout=600)
 
 
