@@ -45,3 +45,16 @@ def test_training_in_a_terminal_shows_rich_bars(tmp_path):
     assert status == 0, screen[-2000:]
     assert "Epoch 0/" in screen and "━" in screen  # Lightning's RichProgressBar
     assert "sampling" in screen  # the sample grid's chain, printed above the training bar
+
+
+def test_a_bar_writes_its_progress_into_the_run_log_file(tmp_path):
+    """Hydra's job log is a FileHandler on the root logger: a bar's lines reach it (the bar itself goes to stderr)."""
+    code = ("import logging, sys\nfrom ddpmlab.progress import track\n"
+            f"logging.basicConfig(filename={str(tmp_path / 'job.log')!r}, level=logging.INFO)\n"
+            "seen = []\nfor _ in track(range(5), total=5, desc='phase', first_done=seen.append): pass\n"
+            "assert len(seen) == 1 and seen[0] >= 0")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "job.log").read_text().splitlines()
+    assert any("phase: 1/5" in line for line in lines) and any("phase: 5/5" in line for line in lines), lines
+    assert "phase: 5/5" not in done.stdout

@@ -25,6 +25,8 @@ placeholder (`ckpt=...`, `<run>`, `PATH`) gets a file made once per session:
   make train    make -C <repo> -o .venv/.installed-stamp train ARGS="<train.py's shrinking>": `-o` keeps a test
                 from reinstalling the environment it runs in (`make test` has just done the set-up).
   make test     the same, with ARGS naming one fast test file instead of the suite (which this test is in).
+  make eval     the same, with evaluate.py's shrinking in ARGS; its `ckpt=last` finds a copy of the shared run as
+                the newest run of task `train` under paths.log_dir.
   make X        any other target only as `make -n` (a dry run: `make clean` would delete the environment).
 The commands run two at a time (one per core of the CI machine), each in its own folder.
 """
@@ -182,6 +184,9 @@ def _make_argv(tokens: list[str], tmp: Path, shared: Shared) -> list[str]:
         return [*make, "train", f"ARGS={shlex.join(args + _train_args(args, tmp, shared))}"]
     if targets == ["test"]:
         return [*make, "test", f"ARGS={MAKE_TEST_ARGS}"]
+    if targets == ["eval"]:
+        shutil.copytree(shared.run, tmp / "logs" / "train" / shared.run.name)
+        return [*make, "eval", f"ARGS={shlex.join([f'data_root={shared.data}', *EVAL_SHRINK, *_hydra_paths(tmp)])}"]
     return [*make, "-n", *tokens]
 
 
@@ -218,7 +223,8 @@ def started(request, shared: Shared, tmp_path_factory):
         if not command.needs or _composed_only(command):
             tmp = tmp_path_factory.mktemp("command")
             jobs[command] = (argv(command, tmp, shared), tmp)
-    chain = {c: Future() for c in jobs if c.line.startswith(("python evaluate.py", "python -m ddpmlab.models"))}
+    chain = {c: Future() for c in jobs if c.line.startswith(("python evaluate.py", "python -m ddpmlab.models",
+                                                               "make eval"))}
 
     def run_chain():
         for command, future in chain.items():

@@ -14,7 +14,6 @@ import torch
 import torchvision
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
-from ddpmlab.progress import track
 
 from ddpmlab.checkpoints import check_matches, load_checkpoint
 from ddpmlab.data import NO_HELD_OUT, to_model_range, to_uint8
@@ -22,11 +21,14 @@ from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.samplers import check_steps
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
+from ddpmlab.eval_plan import Estimate, plan, sampling_phase, sampling_settings
 from ddpmlab.performance import optimize_network, performance_settings
-from ddpmlab.training import build, build_network
+from ddpmlab.progress import track
+from ddpmlab.training import build, build_network, resolve_last
 
 METRICS = ("nll", "nll_estimate", "fid", "is", "kid")
 SAMPLE_METRICS = ("fid", "is", "kid")
+TRAIN_TASK = "train"  # ckpt=last: the newest run of train.py's default task (runs/train/*, as `make train` writes)
 
 
 def load_run(ckpt_path: str, use_ema: bool):
@@ -59,20 +61,24 @@ def _my_indices(fabric: Fabric, total: int) -> list[int]:
     return list(range(fabric.global_rank, total, fabric.world_size))
 
 
-def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(), dtype=torch.float32):
+def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(), dtype=torch.float32,
+                 calls: int = 1, cost: Estimate | None = None):
     """fn(indices) -> rows of `row_shape` for those examples, over this rank's share in batches.
 
     Returns all `total` rows in index order, on every rank (a rank with no examples contributes none).
+    `calls`: network calls per example, for the `cost` estimate that rank 0 updates after its first batch.
     """
     indices = _my_indices(fabric, total)
+    first = None if cost is None else (
+        lambda seconds: cost.first_batch(desc, min(batch_size, len(indices)) * calls, seconds))
     parts = [fn(indices[start:start + batch_size])
              for start in track(range(0, len(indices), batch_size), total=-(-len(indices) // batch_size), desc=desc,
-                                disable=bool(fabric.global_rank))]
+                                disable=bool(fabric.global_rank), first_done=first)]
     local = torch.cat(parts) if parts else torch.zeros((0, *row_shape), dtype=dtype, device=fabric.device)
     return _gather(fabric, local, total)
 
 
-def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
+def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
     """The full bound on cfg.nll.num_images test images: total, L_T, L_0, and the per-t terms, in bits/dim."""
     n = min(cfg.nll.num_images or len(test_images), len(test_images))
 
@@ -82,7 +88,8 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dic
                                       clip_denoised=cfg.nll.clip_denoised, progress=fabric.global_rank == 0)
         return torch.cat([out["prior"][:, None], out["terms"]], 1)
 
-    rows = _per_example(fabric, n, cfg.batch_size, "NLL (full bound)", bound, (1 + diffusion.num_timesteps,))
+    rows = _per_example(fabric, n, cfg.batch_size, "NLL (full bound)", bound, (1 + diffusion.num_timesteps,),
+                        calls=diffusion.num_timesteps, cost=cost)
     prior, per_t = rows[:, 0], rows[:, 1:]
     total = prior + per_t.sum(1)
     terms_bpd = per_t.mean(0).tolist()  # the decoder's entry is L_0 itself (one reduction, not two)
@@ -91,7 +98,7 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dic
             "num_images": n}
 
 
-def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor) -> dict:
+def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
     """The bound on cfg.nll_estimate.num_images test images, with its stderr, from K = nll_estimate.timesteps
     timesteps per image (estimate_bpd: L_T and L_0 exact, the KL terms from K strata; K + 1 network calls)."""
     n = min(cfg.nll_estimate.num_images or len(test_images), len(test_images))
@@ -102,18 +109,13 @@ def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tenso
                                       ExampleNoise(idx, cfg.seed + 1, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised)
 
-    values = _per_example(fabric, n, cfg.batch_size, "NLL (estimate)", estimate)
+    values = _per_example(fabric, n, cfg.batch_size, "NLL (estimate)", estimate, calls=cfg.nll_estimate.timesteps + 1,
+                          cost=cost)
     return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
             "num_images": n, "timesteps_per_image": cfg.nll_estimate.timesteps}
 
 
-def sampling_settings(cfg) -> list[tuple[str, int | None]]:
-    """(sampler, steps) pairs to evaluate: `sampler` and `sampling_steps` may each be one value or a list."""
-    as_list = lambda v: list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]  # noqa: E731
-    return [(name, steps) for name in as_list(cfg.sampler) for steps in as_list(cfg.sampling_steps)]
-
-
-def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps) -> torch.Tensor:
+def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps, cost=None) -> torch.Tensor:
     """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
     sampler = get_sampler(name, **({"eta": cfg.eta} if name == "ddim" else {}))
 
@@ -121,12 +123,14 @@ def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: s
         noise = ExampleNoise(idx, cfg.seed, fabric.device)
         return to_uint8(sampler(model, diffusion, (len(idx), *shape), noise, steps=steps))
 
-    return _per_example(fabric, cfg.num_samples, cfg.batch_size, f"sampling ({name}, {steps or 'all'} steps)",
-                        sample, shape, torch.uint8).cpu()
+    return _per_example(fabric, cfg.num_samples, cfg.batch_size, sampling_phase(name, steps), sample, shape,
+                        torch.uint8, calls=steps or diffusion.num_timesteps, cost=cost).cpu()
 
 
-def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
-    """One process's part; rank 0 returns the results. `run`: the loaded (model, diffusion, train config), if any."""
+def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimate | None = None) -> dict | None:
+    """One process's part; rank 0 returns the results. `run`: the loaded (model, diffusion, train config), if any;
+    `fidelity`: the FID/IS/KID computation (rank 0's, after sampling); `cost`: the estimate, said again as each
+    phase's first batch is timed."""
     torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))
     model, diffusion, train_cfg = run or load_run(cfg.ckpt, cfg.use_ema)
     model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
@@ -138,50 +142,66 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None) -> dict | None:
         for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate)):
             if metric in cfg.metrics:
                 start = time.perf_counter()
-                results[metric] = fn(fabric, cfg, model, diffusion, data.test_images)
+                results[metric] = fn(fabric, cfg, model, diffusion, data.test_images, cost)
                 timings[metric] = time.perf_counter() - start
-    if set(SAMPLE_METRICS) & set(cfg.metrics):
+    if fidelity is not None:
         shape = (data.channels, data.image_size, data.image_size)
         for name, steps in sampling_settings(cfg):
             start = time.perf_counter()
-            samples = generate(fabric, cfg, model, diffusion, shape, name, steps)
+            samples = generate(fabric, cfg, model, diffusion, shape, name, steps, cost)
             results["settings"].append({"sampler": name, "sampling_steps": steps, "samples": samples,
                                         "sampling_seconds": time.perf_counter() - start})
     if fabric.global_rank != 0:
         return None
     results["timings"], results["train_cfg"] = timings, OmegaConf.to_container(train_cfg)
     for setting in results["settings"]:
-        setting["rows"] = sample_metrics(cfg, train_cfg, data, setting["samples"], fabric.device)
+        start = time.perf_counter()
+        setting["rows"] = fidelity(setting["samples"], on_first_batch=cost.first_batch if cost else None)
+        for row in setting["rows"]:
+            row["seconds"], row["reference_images"] = time.perf_counter() - start, len(fidelity.reference)
         # Returned across processes by pickling: numpy goes by value, a torch tensor by a shared-memory handle
         # that dies with this process.
         setting["samples"] = setting["samples"].numpy()
     return results
 
 
-def sample_metrics(cfg, train_cfg, data, samples: torch.Tensor, device) -> list[dict]:
-    """FID/IS/KID rows against the training split, with the configured feature extractor."""
-    from ddpmlab.metrics.fidelity import fidelity_metrics, resolve_inception_weights
+def reference_count(cfg, available: int, device: torch.device) -> tuple[int, str]:
+    """How many training images FID/KID compare with, and why: `reference_images` auto caps a CPU's reference
+    pass at cpu_reference_images (the whole 60k split is hours of Inception on a CPU), null takes all, N the first N."""
+    setting = cfg.reference_images
+    if setting == "auto" and device.type != "cuda":
+        n = min(cfg.cpu_reference_images, available)
+        return n, (f"capped on a CPU by cpu_reference_images={cfg.cpu_reference_images} "
+                   f"(reference_images=null for all {available})" if n < available else "all of them")
+    if setting in ("auto", None):
+        return available, "all of them"
+    return min(setting, available), f"reference_images={setting}"  # its range: ddpmlab.schema
+
+
+def fidelity_for(cfg, train_cfg, data, device: torch.device):
+    """(the FID/IS/KID computation, what its reference is): the feature extractor's weights (the classifier trained,
+    or the Inception converted, once) and the reference images, before any sampling."""
+    from ddpmlab.metrics.fidelity import FidelityMetrics, resolve_inception_weights
     from ddpmlab.models.classifier import ensure_classifier
 
     data.setup("fit")
+    n, why = reference_count(cfg, len(data.train_images), device)
     root = Path(cfg.data_root or train_cfg.data.root)
     if cfg.feature_extractor == "classifier":
         weights = str(ensure_classifier(train_cfg.data.dataset, str(root), data.image_size))
     else:
         weights = resolve_inception_weights(cfg.inception_weights, root / "fidelity")
-    reference = data.train_images[: cfg.reference_images] if cfg.reference_images else data.train_images
-    start = time.perf_counter()
-    rows = fidelity_metrics(samples, reference, list(cfg.metrics), cfg.feature_extractor, weights,
-                            root / "fidelity" / "cache", f"{train_cfg.data.dataset}-train",
-                            kid_subset_size=cfg.kid_subset_size, device=device)
-    for row in rows:
-        row["seconds"] = time.perf_counter() - start
-        row["reference_images"] = len(reference)
-    return rows
+    fidelity = FidelityMetrics(list(cfg.metrics), cfg.feature_extractor, weights, data.train_images[:n],
+                               f"{train_cfg.data.dataset}-train", root / "fidelity" / "cache", device,
+                               kid_subset_size=cfg.kid_subset_size)
+    total = len(data.train_images)
+    return fidelity, f"all {total} training images" if n == total else f"the first {n} of {total} training images, {why}"
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Run the configured metrics; write metrics.json, samples.png and nll_per_t.png to cfg.paths.output_dir."""
+    """Run the configured metrics; write metrics.json, samples.png and nll_per_t.png to cfg.paths.output_dir.
+
+    Before the first long phase it says what it will do and an estimate of the time (ddpmlab.eval_plan)."""
     # Plain values from here on: spawned processes get this config, and `${hydra:...}` (paths.output_dir)
     # resolves only in Hydra's own process.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -190,8 +210,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {sorted(unknown)}: choose from {', '.join(METRICS)}")
     if set(SAMPLE_METRICS) & set(cfg.metrics) and cfg.num_samples < 2:
         raise ConfigError(f"num_samples={cfg.num_samples} is too few for {sorted(set(SAMPLE_METRICS) & set(cfg.metrics))}")
+    if cfg.ckpt == "last":  # the newest train.py run's checkpoint (make eval)
+        cfg.ckpt = str(resolve_last(cfg, task_name=TRAIN_TASK, key="ckpt"))
     run = load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
-    _check_counts(cfg, run[2])
+    data = build(run[2].data, **({"root": cfg.data_root} if cfg.data_root else {}))
+    _check_counts(cfg, data)
     if set(SAMPLE_METRICS) & set(cfg.metrics):
         for name, steps in sampling_settings(cfg):
             get_sampler(name)
@@ -199,20 +222,25 @@ def evaluate(cfg: DictConfig) -> dict:
     devices = cfg.trainer.devices
     strategy = "ddp_spawn" if devices not in (1, "1", "auto") else "auto"
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
+    fidelity, reference = (fidelity_for(cfg, run[2], data, fabric.device) if set(SAMPLE_METRICS) & set(cfg.metrics)
+                           else (None, None))
+    cost = plan(cfg, run, data, fidelity, reference, fabric)
     wall = time.perf_counter()
     # Spawned processes load the run themselves (a model is cheaper to rebuild than to pickle across).
-    results = fabric.launch(_run, cfg) if strategy == "ddp_spawn" else _run(fabric, cfg, run)
+    results = (fabric.launch(_run, cfg, None, fidelity, cost) if strategy == "ddp_spawn"
+               else _run(fabric, cfg, run, fidelity, cost))
+    results["estimated_seconds"] = cost.seconds
+    results["reference"] = fidelity and {"images": len(fidelity.reference), "what": reference}
     results["wall_seconds"] = time.perf_counter() - wall
     return write_results(cfg, results)
 
 
-def _check_counts(cfg, train_cfg) -> None:
+def _check_counts(cfg, data) -> None:
     """Sample and image counts that cannot be honoured fail here, in the main process, before any work."""
     if not (isinstance(cfg.num_samples, int) and cfg.num_samples > 0):
         raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples!r}")
     wanted = {key: cfg[key].num_images for key in ("nll", "nll_estimate") if key in cfg.metrics and cfg[key].num_images}
     if wanted:
-        data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
         data.setup("test")
         for key, n in wanted.items():
             if not 0 < n <= len(data.test_images):
@@ -244,7 +272,8 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
     record = {
         "checkpoint": str(cfg.ckpt), "checkpoint_sha256": hashlib.sha256(Path(cfg.ckpt).read_bytes()).hexdigest(),
         "use_ema": cfg.use_ema, "seed": cfg.seed, "devices": cfg.trainer.devices, "results": rows,
-        "wall_seconds": results["wall_seconds"], "timings": results["timings"],
+        "wall_seconds": results["wall_seconds"], "estimated_seconds": results["estimated_seconds"],
+        "timings": results["timings"], "reference": results["reference"],
     }
     if "nll" in results:
         record["nll"] = {k: results["nll"][k] for k in ("bpd", "stderr", "prior_bpd", "decoder_bpd", "num_images")}

@@ -98,13 +98,15 @@ class RunRecord(L.Callback):
             log.warning(note)
 
 
-def resolve_last(cfg: DictConfig) -> Path:
-    """`ckpt_path=last`: the newest checkpoints/last.ckpt among this task's run folders (runs/<task_name>/*)."""
-    task_dir = Path(cfg.paths.log_dir) / cfg.task_name
+def resolve_last(cfg: DictConfig, task_name: str | None = None, key: str = "ckpt_path") -> Path:
+    """`ckpt_path=last` (evaluate.py: `ckpt=last`, task train): the newest checkpoints/last.ckpt among a task's run
+    folders (runs/<task_name>/*; this run's task unless `task_name` is given)."""
+    task_name = task_name or cfg.task_name
+    task_dir = Path(cfg.paths.log_dir) / task_name
     found = sorted(task_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise ConfigError(f"ckpt_path=last: no run of task {cfg.task_name!r} has a checkpoint under {task_dir}: "
-                          "train first, or pass ckpt_path=PATH/last.ckpt")
+        raise ConfigError(f"{key}=last: no run of task {task_name!r} has a checkpoint under {task_dir}: "
+                          f"train first, or pass {key}=PATH/last.ckpt")
     return found[-1]
 
 

