@@ -170,7 +170,7 @@ TRAIN: dict[str, Rule] = {
     "data.image_size": integer(1),
     "data.channels": choice(1, 3),
     "data.batch_size": integer(1),
-    "data.num_workers": integer(0, os.cpu_count() or 1),
+    "data.num_workers": integer(0, 4 * (os.cpu_count() or 1)),  # more than cores helps slow disks; not 1000s
     "data.random_flip": flag(),
     "data.download": flag(),
     "data.verify_checksums": flag(),
