@@ -121,8 +121,8 @@ def test_the_generator_finds_a_bad_value_for_every_key():
     so the sweep below covers every key."""
     for script, config_name, rules in (("train", "config", schema.TRAIN), ("evaluate", "eval", schema.EVAL)):
         for key, (_, default) in composed_keys(config_name).items():
-            values = bad_values(schema.rule_for(rules, key), default)
-            assert values, (script, key)
+            rule = schema.rule_for(rules, key)  # a key without one fails the test above
+            assert rule is None or bad_values(rule, default), (script, key)
 
 
 def test_the_schemas_names_are_the_codes():
