@@ -109,8 +109,9 @@ def choice(*options, null: bool = False, fix: str = "") -> Rule:
                 f"one of {', '.join(map(str, options))}", null, fix, options)
 
 
-def text(null: bool = False, fix: str = "") -> Rule:
-    return Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string", null, fix)
+def text(null: bool = False, fix: str = "", empty: bool = False) -> Rule:
+    return Rule(lambda v: isinstance(v, str) and (empty or v != ""), "a string" if empty else "a non-empty string",
+                null, fix)
 
 
 def path(null: bool = False, fix: str = "") -> Rule:
@@ -255,7 +256,7 @@ TRAIN: dict[str, Rule] = {
     "logger.*._target_": text(),
     "logger.*.save_dir": path(),
     "logger.*.name": text(),
-    "logger.*.version": either(text(), integer(0), choice(""), null=True),
+    "logger.*.version": either(text(empty=True), integer(0), null=True),
     "logger.tensorboard.default_hp_metric": flag(),
     "logger.wandb.project": text(),
     "logger.wandb.tags": list_of(text()),
@@ -371,7 +372,16 @@ def _fix(key: str, rule: Rule) -> str:
     default = _yaml_value(key)
     if default is None or not rule.accepts(default):
         return ""
-    return f"e.g. {key}={default} (its default)"
+    return f"e.g. {key}={_as_override(default)} (its default)"
+
+
+def _as_override(value) -> str:
+    """A value as an override writes it: true, null, '', [0.9, 0.999]."""
+    if isinstance(value, list):
+        return f"[{', '.join(map(_as_override, value))}]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else "''" if value == "" else str(value)
 
 
 def check_train(cfg: DictConfig) -> None:
