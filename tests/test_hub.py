@@ -275,3 +275,30 @@ def test_evaluate_scores_an_imported_checkpoint(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["results"][0]["metric"] == "nll_estimate (bits/dim)" and record["results"][0]["value"] > 0
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_an_imported_checkpoint_and_init_from_refuses_another_network(tiny, tmp_path):
+    """`train.py ckpt_path=OUT.ckpt` with the overrides the import prints trains from the weights at step 0; a
+    network that differs only where shapes do not show (norm_eps) is refused in one line."""
+    from ddpmlab.hub.__main__ import same_network
+
+    overrides = same_network(import_checkpoint(str(tiny), tmp_path / "tiny.ckpt"))
+    write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw", n_train=8, n_test=4)
+    common = [f"data.root={tmp_path / 'data'}", "data.batch_size=4", "trainer.max_steps=2", "val.num_images=4",
+              "callbacks.sample_grid.every_n_steps=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def train_py(*args):
+        return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    done = train_py(f"ckpt_path={tmp_path / 'tiny.ckpt'}", *overrides, *common, f"hydra.run.dir={tmp_path / 'ft'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "holds weights only: training starts at step 0" in done.stdout + done.stderr
+    assert torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    other = [o for o in overrides if not o.startswith("model.norm_eps=")]
+    refused = train_py(f"init_from={tmp_path / 'tiny.ckpt'}", *other, *common, f"hydra.run.dir={tmp_path / 'bad'}")
+    assert refused.returncode == 2 and not (tmp_path / "bad").exists(), refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].endswith("add the override(s) model.norm_eps=1e-06")

@@ -105,9 +105,24 @@ class ApplyOptimChanges(L.Callback):
                          betas=pl_module.adam_betas, weight_decay=pl_module.weight_decay)
 
 
-def init_weights(module: nn.Module, path) -> None:
-    """`init_from=PATH`: the network and its EMA from a checkpoint; optimizer, step count and RNG start fresh."""
+# Settings of the network that leave every tensor's shape alone but change its outputs: a state dict loads into
+# a network that differs in these, and computes something else.
+SAME_SHAPES = ("num_heads", "norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift")
+
+
+def init_weights(module: nn.Module, path, checkpoint: dict | None = None) -> None:
+    """`init_from=PATH` (or `ckpt_path` of a weights-only checkpoint, as `python -m ddpmlab.hub import` writes):
+    the network and its EMA from a checkpoint; optimizer, step count and RNG start fresh. The shapes must match,
+    and so must the network settings that shapes do not show (SAME_SHAPES), where the checkpoint stores them."""
+    checkpoint = checkpoint or load_checkpoint(path)
+    stored = (checkpoint.get("config") or {}).get("model") or {}
+    ours = (module.config or {}).get("model") or {}
+    differ = [f"model.{key}={stored[key]}" for key in SAME_SHAPES if key in stored and key in ours
+              and stored[key] != ours[key]]
+    if differ:
+        raise ConfigError(f"{path}'s network was built with {' '.join(differ)}, which this run's differs from: the "
+                          f"weights would compute something else; add the override(s) {' '.join(differ)}")
     networks = nn.ModuleDict({"model": module.model, "ema_model": module.ema_model})
-    weights = {k: v for k, v in load_checkpoint(path)["state_dict"].items() if k.split(".", 1)[0] in networks}
+    weights = {k: v for k, v in checkpoint["state_dict"].items() if k.split(".", 1)[0] in networks}
     check_matches(networks, {"state_dict": weights}, path)
     networks.load_state_dict(weights)

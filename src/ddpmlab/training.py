@@ -178,6 +178,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_matches(module, checkpoint, cfg.ckpt_path)
     if cfg.init_from is not None:
         init_weights(module, cfg.init_from)
+    fit_from = cfg.ckpt_path
+    if checkpoint and "optimizer_states" not in checkpoint:  # weights only (hub import): a fine-tune from step 0
+        init_weights(module, cfg.ckpt_path, checkpoint)
+        fit_from = None
+        notes.append(f"{cfg.ckpt_path} holds weights only: training starts at step 0 from them, with a fresh optimizer")
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
@@ -194,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(module.config)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=fit_from)
     finally:
         finish_wandb()
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

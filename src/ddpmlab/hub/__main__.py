@@ -56,7 +56,7 @@ def main(argv=None) -> None:
             data, diffusion = config["data"], config["diffusion"]
             print(f"wrote {args.out}: {data['channels']}x{data['image_size']}x{data['image_size']} "
                   f"{data['dataset']}, {diffusion['prediction']} prediction, {diffusion['variance']} variance; "
-                  f"evaluate: python evaluate.py ckpt={args.out}; fine-tune: python train.py init_from={args.out} "
+                  f"evaluate: python evaluate.py ckpt={args.out}; fine-tune: python train.py ckpt_path={args.out} "
                   + " ".join(same_network(config)))
         else:
             export_pipeline(args.ckpt, args.out, use_ema=not args.raw, push_to=args.push_to_hub)
