@@ -5,6 +5,7 @@
 | 1 | a bug: an unexpected exception, with its traceback |
 | 2 | bad input: a config value, an override Hydra cannot compose, data, a checkpoint, a full disk (ConfigError) |
 | 2 | what a library raised while setting up, before the first step: one line naming the config key it came from |
+| 2 | out of host or GPU memory, at any moment: one line naming what to lower (ddpmlab.memory) |
 | 3 | training met NaN/Inf with optim.on_nonfinite=stop (NonFiniteLoss) |
 | 4 | a multirun ended in which some runs failed: summary.md gives each run's exit code and reason |
 | 128 + signal | preempted by SIGTERM (143) or SIGINT (130) after saving a checkpoint (Preempted) |
@@ -83,6 +84,7 @@ def reported_errors(cfg, check=None):
         yield
     except Exception as err:
         code, line = _outcome(err, cfg)
+        line += "".join(f"; {note}" for note in getattr(err, "__notes__", ()))  # e.g. the checkpoint saved
         if multirun:
             if code == 1:
                 traceback.print_exc()  # a bug: its traceback belongs in the run's log
@@ -226,6 +228,10 @@ def _outcome(err: Exception, cfg=None) -> tuple[int, str]:
         return 3, f"error: {err}"
     if isinstance(err, Preempted):
         return 128 + err.signum, f"preempted: {err}"
+    from ddpmlab.memory import out_of_memory_line  # imports torch: not before the config's check
+
+    if (memory := out_of_memory_line(err)) is not None:
+        return 2, f"error: {memory}"
     if cfg is not None and _in_setup(err) and os.environ.get("HYDRA_FULL_ERROR") != "1":
         return 2, f"error: {_setup_line(err, cfg)}"
     return 1, f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

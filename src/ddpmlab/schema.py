@@ -388,6 +388,9 @@ def check_train(cfg: DictConfig) -> None:
     """train.py's config: its keys, the rules between them, then this machine (which imports torch)."""
     check(cfg, TRAIN, TRAIN_CROSS)
     check_machine(cfg.trainer)
+    from ddpmlab.memory import check_fits  # builds the U-Net on the meta device: once the values are known good
+
+    check_fits(cfg)
 
 
 def check_eval(cfg: DictConfig) -> None:
