@@ -22,7 +22,8 @@ AT_SCALE = {"model=unet_256": ["data=image_folder", "data.image_size=256", "mode
             "model=unet_imagenet64": ["data=image_folder", "data.image_size=64", "model.ch=32"],
             **{f"experiment={e}": ["model.ch=32"] for e in ("ddpm_celebahq256", "ddpm_lsun_church256",
                                                             "ddpm_lsun_bedroom256", "ddpm_lsun_cat256",
-                                                            "iddpm_imagenet64", "iddpm_imagenet64_vlb")}}
+                                                            "iddpm_imagenet64", "iddpm_imagenet64_vlb")},
+            "schedule=given": ["schedule.timesteps=3", "schedule.betas=[0.0001,0.01,0.02]"]}  # no default betas
 
 
 def options(group: str) -> list[str]:

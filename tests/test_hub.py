@@ -15,7 +15,7 @@ from ddpmlab.errors import ConfigError
 from ddpmlab.evaluation import load_run
 from ddpmlab.hub import export_pipeline, import_checkpoint
 from ddpmlab.hub.convert import LEGACY_ATTENTION
-from ddpmlab.training import train
+from ddpmlab.training import build, train
 from tests.conftest import ROOT, compose_config
 from tests.test_data import write_mnist_like
 
@@ -261,6 +261,67 @@ def test_a_setting_diffusers_lacks_is_refused_in_one_line(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"diffusion.variance='learned'"):
         export_pipeline(str(tmp_path / "learned.ckpt"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_printed_fine_tune_overrides_rebuild_the_imported_betas(tiny, tmp_path):
+    """The overrides the import prints, composed as train.py composes them after an experiment that sets its own T,
+    give the checkpoint's betas bit for bit: the cosine schedule by its option, and betas diffusers gives only as
+    trained_betas (here the sigmoid schedule's) by schedule=given; the composed config passes the schema."""
+    from hydra.utils import instantiate
+
+    from ddpmlab import schema
+    from ddpmlab.diffusion.schedules import sigmoid_betas
+    from ddpmlab.hub.__main__ import same_network
+
+    betas = sigmoid_betas(1000)
+    given = write_folder(tmp_path / "given", {**TINY, "out_channels": 1}, {**PAPER_SCHEDULER, "trained_betas": betas.tolist()})
+    for src, name in ((tiny, "cosine"), (given, "given")):
+        config = import_checkpoint(str(src), tmp_path / f"{name}.ckpt")
+        cfg = compose_config("experiment=smoke", *same_network(config), output_dir=tmp_path / name)
+        schema.check(cfg, schema.TRAIN, schema.TRAIN_CROSS)
+        stored = torch.load(tmp_path / f"{name}.ckpt", weights_only=True)["config"]["schedule"]
+        assert cfg.schedule._target_ == stored["_target_"] and cfg.schedule._target_.endswith(f".{name}_betas")
+        assert torch.equal(instantiate(cfg.schedule), instantiate(stored))
+    assert torch.equal(instantiate(cfg.schedule), betas)
+    with pytest.raises(ConfigError, match="schedule.timesteps=50 but schedule.betas lists 1000 betas"):
+        build(compose_config("experiment=smoke", *[o for o in same_network(config) if "timesteps" not in o]).schedule)
+
+
+def test_a_ddpm_port_gets_the_papers_dropout_for_its_image_size():
+    """Ho et al. 2020, appendix B: dropout 0.1 on CIFAR-10 (32x32), none on the 256x256 datasets."""
+    from ddpmlab.hub.convert import model_from_ddpm
+
+    weights = {"conv_in.weight": torch.zeros(8, 3, 3, 3), "down.0.block.0.conv1.weight": torch.zeros(8, 8, 3, 3),
+               "conv_out.weight": torch.zeros(3, 8, 3, 3)}
+    assert model_from_ddpm(weights, 32)["dropout"] == 0.1 and model_from_ddpm(weights, 256)["dropout"] == 0.0
+
+
+def test_old_scheduler_fields_diffusers_ignores_are_accepted_only_at_their_no_op_values():
+    """diffusers 0.0-0.8 wrote timestep_values, timesteps and predict_epsilon, which today's DDPMScheduler drops:
+    at their no-op values they change nothing (in diffusers, nor here); at another value they are refused."""
+    from diffusers import DDPMScheduler
+
+    from ddpmlab.hub.convert import diffusion_from_scheduler
+
+    old = {**PAPER_SCHEDULER, "timestep_values": None, "timesteps": 1000, "predict_epsilon": True, "tensor_format": "np"}
+    assert diffusion_from_scheduler(old) == diffusion_from_scheduler(PAPER_SCHEDULER)
+    theirs, today = DDPMScheduler.from_config(old), DDPMScheduler.from_config(PAPER_SCHEDULER)
+    assert torch.equal(theirs.alphas_cumprod, today.alphas_cumprod) and theirs.config.prediction_type == "epsilon"
+    for field, value in (("timestep_values", [999, 998]), ("timesteps", 500), ("predict_epsilon", False)):
+        with pytest.raises(ConfigError, match=f"^{field}="):
+            diffusion_from_scheduler({**PAPER_SCHEDULER, field: value})
+
+
+def test_a_bare_unet_folder_needs_its_variance(tiny, tmp_path):
+    """No scheduler/: DDPMScheduler's defaults would say fixed_small, google/ddpm-cifar10-32 is fixed_large."""
+    bare = write_folder(tmp_path / "bare", {**TINY, "out_channels": 1}, None)
+    with pytest.raises(ConfigError, match="--variance=None: .* pass --variance fixed_large"):
+        import_checkpoint(str(bare), tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()
+    config = import_checkpoint(str(bare), tmp_path / "bare.ckpt", variance="fixed_large")
+    assert config["diffusion"]["variance"] == "fixed_large" and config["schedule"]["beta_end"] == 0.02
+    with pytest.raises(ConfigError, match="--variance"):  # a pipeline folder's scheduler says it
+        import_checkpoint(str(tiny), tmp_path / "y.ckpt", variance="fixed_large")
 
 
 @pytest.mark.slow

@@ -205,6 +205,8 @@ TRAIN: dict[str, Rule] = {
     "schedule.start": number(),
     "schedule.end": number(),
     "schedule.tau": number(0, above=True),
+    "schedule.betas": list_of(number(0, 1, above=True, below=True), min_length=1,
+                              fix="set schedule.betas=[beta_1,...,beta_T] (python -m ddpmlab.hub import prints them)"),
     # diffusion: GaussianDiffusion
     "diffusion._target_": text(),
     "diffusion.betas": alias("${schedule}"),

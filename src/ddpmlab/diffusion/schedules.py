@@ -44,11 +44,15 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
-def given_betas(betas: list[float]) -> torch.Tensor:
-    """Betas listed one by one (a schedule imported from another format, e.g. diffusers' trained_betas)."""
+def given_betas(betas: list[float], timesteps: int | None = None) -> torch.Tensor:
+    """Betas listed one by one (a schedule imported from another format, e.g. diffusers' trained_betas);
+    `timesteps`, when set, is T and must be their count."""
     betas = torch.as_tensor(list(betas), dtype=torch.float64)
     if betas.ndim != 1 or not len(betas) or not bool(((betas > 0) & (betas < 1)).all()):
         raise ConfigError("schedule.betas must be a non-empty list of numbers in (0, 1)")
+    if timesteps is not None and timesteps != len(betas):
+        raise ConfigError(f"schedule.timesteps={timesteps} but schedule.betas lists {len(betas)} betas: set "
+                          f"schedule.timesteps={len(betas)}")
     return betas
 
 

@@ -28,7 +28,8 @@ DATA_BY_SHAPE = {(3, 32): "cifar10", (1, 28): "fashion_mnist"}
 def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: str | None = None,
                       image_size: int | None = None, variance: str | None = None) -> dict:
     """Convert the diffusers folder `src` (or hf://owner/name) into the checkpoint `out`; returns its config.
-    `src` may also be a weights file in the original DDPM port's names, which needs `image_size` and `variance`."""
+    `src` may also be a weights file in the original DDPM port's names, which needs `image_size` and `variance`;
+    a UNet2DModel folder without scheduler/ needs `variance` (its schedule is Ho et al.'s)."""
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out {out} exists: choose a new file name (nothing is overwritten)")
@@ -36,11 +37,15 @@ def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: s
     if source.unet_config is None:
         model, names = model_from_ddpm(source.weights, image_size), DDPM
         schedule, diffusion = diffusion_from_ddpm(variance)
-    elif image_size or variance:
-        raise ConfigError(f"--image-size and --variance are for a DDPM weights file: {src}'s own configs say them")
+    elif image_size or (variance and source.scheduler_config is not None):
+        raise ConfigError(f"--image-size and --variance are for a DDPM weights file (--variance also for a bare "
+                          f"UNet2DModel folder): {src}'s own configs say them")
     else:
         model, names = model_from_unet(source.unet_config), DIFFUSERS
-        schedule, diffusion = diffusion_from_scheduler(source.scheduler_config)
+        # a bare UNet2DModel folder: DDPMScheduler's defaults are Ho et al.'s schedule, but its variance
+        # (fixed_small) is not that of every release (google/ddpm-cifar10-32 is fixed_large), so it is asked for
+        schedule, diffusion = (diffusion_from_scheduler(source.scheduler_config) if source.scheduler_config is not None
+                               else diffusion_from_ddpm(variance, f"{src}, a UNet2DModel folder without scheduler/,"))
     wanted = model["in_channels"] * (2 if diffusion["variance"] == "learned_range" else 1)
     if model["out_channels"] != wanted:
         raise refuse("out_channels", model["out_channels"], f"variance {diffusion['variance']} with "

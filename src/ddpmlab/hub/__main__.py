@@ -15,13 +15,12 @@ def same_network(config: dict) -> list[str]:
     """train.py overrides that build the stored config's data shape, network and diffusion (init_from checks only
     the weights' shapes, and norm_eps or the padding change outputs, not shapes)."""
     model = {k: v for k, v in config["model"].items() if k not in ("_target_", "image_size", "in_channels", "out_channels")}
-    schedule = config["schedule"]["_target_"].rsplit(".", 1)[1].removesuffix("_betas")  # linear_betas -> linear
+    schedule = config["schedule"]["_target_"].rsplit(".", 1)[1].removesuffix("_betas")  # given_betas -> given.yaml
     values = {"data": config["data"]["dataset"], "data.image_size": config["data"]["image_size"],
               "data.channels": config["data"]["channels"], **{f"model.{k}": v for k, v in model.items()},
               **{f"diffusion.{k}": config["diffusion"][k] for k in ("prediction", "variance", "loss")},
-              # a schedule given as its betas has no option of its own: train.py takes conf/schedule's
-              **({"schedule": schedule} if schedule in ("linear", "cosine") else {}),
-              **{f"schedule.{k}": v for k, v in config["schedule"].items() if schedule != "given" and k != "_target_"}}
+              # given: the betas themselves, printed as Python's shortest repr, which Hydra reads back to the same float
+              "schedule": schedule, **{f"schedule.{k}": v for k, v in config["schedule"].items() if k != "_target_"}}
     return [f"{key}={_override(value)}" for key, value in values.items()]
 
 
@@ -43,7 +42,8 @@ def main(argv=None) -> None:
                                      "fashion_mnist for 1x28x28, else image_folder)")
     load.add_argument("--data-root", help="data.root of the stored config (default: the data option's)")
     load.add_argument("--image-size", type=int, help="a DDPM weights file only: its image size")
-    load.add_argument("--variance", help="a DDPM weights file only: fixed_large (CIFAR-10) or fixed_small (LSUN, CelebA-HQ)")
+    load.add_argument("--variance", help="a DDPM weights file or a UNet2DModel folder without scheduler/ only: "
+                                         "fixed_large (CIFAR-10) or fixed_small (LSUN, CelebA-HQ)")
     save = commands.add_parser("export", help="a ddpmlab checkpoint -> a DDPMPipeline folder")
     save.add_argument("ckpt", help="a checkpoint written by train.py or by import")
     save.add_argument("--out", required=True, help="the folder to write (new or empty)")

@@ -35,6 +35,13 @@ SCHEDULER_DEFAULTS = {
     "tensor_format": "pt",  # written by diffusers <= 0.2; numpy or torch arrays, nothing the math depends on
 }
 SCHEDULER_FIXED = {"clip_sample": True, "clip_sample_range": 1.0, "thresholding": False, "rescale_betas_zero_snr": False}
+# Fields of early DDPMScheduler configs that today's diffusers drops (ConfigMixin ignores, with a warning, a key its
+# __init__ lacks): each is accepted while it holds the value that changes nothing, given the other fields.
+SCHEDULER_LEGACY = {
+    "timestep_values": lambda c: None,  # diffusers 0.1: stored, never read
+    "timesteps": lambda c: c["num_train_timesteps"],  # diffusers 0.0's name for T
+    "predict_epsilon": lambda c: c["prediction_type"] == "epsilon",  # diffusers 0.5-0.8, before prediction_type
+}
 # the "_log" variants compute the same variances through their logarithm
 VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
              "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
@@ -66,12 +73,16 @@ def refuse(field: str, value, why: str) -> ConfigError:
     return ConfigError(f"{field}={value!r}: {why}; there is no approximate conversion")
 
 
-def _fields(config: dict, class_name: str, defaults: dict, fixed: dict, why: str) -> dict:
-    """`config` with diffusers' defaults for the fields it leaves out. Another class, a field the class has not, or
-    a value other than `fixed`'s is refused in one line naming the field."""
+def _fields(config: dict, class_name: str, defaults: dict, fixed: dict, why: str, legacy: dict | None = None) -> dict:
+    """`config` with diffusers' defaults for the fields it leaves out. Another class, a field the class has not, a
+    `legacy` field off its no-op value, or a value other than `fixed`'s is refused in one line naming the field."""
     if config.get("_class_name", class_name) != class_name:
         raise refuse("_class_name", config["_class_name"], f"ours is the model of diffusers' {class_name}")
     c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    for key, no_op in (legacy or {}).items():
+        if key in c and c.pop(key) != no_op(c):
+            raise refuse(key, config[key], f"today's {class_name} ignores this old field, so only {key}="
+                         f"{no_op(c)!r} keeps the outputs the model was trained with")
     unknown = sorted(set(c) - set(defaults))
     if unknown:
         raise refuse(unknown[0], c[unknown[0]], f"{class_name} has no such field, so this model is another one")
@@ -129,7 +140,7 @@ def model_from_unet(config: dict) -> dict:
 def model_from_ddpm(weights: dict, image_size: int | None) -> dict:
     """Our U-Net's arguments for weights in the DDPM port's names: widths, depth and attention levels read from the
     tensors' shapes, the rest Ho et al.'s TensorFlow network (GroupNorm of 32 groups and eps 1e-6, 'SAME' padding,
-    one head, the embedding [sin, cos] with freq_shift 1, dropout 0.1). The file does not say its image size."""
+    one head, the embedding [sin, cos] with freq_shift 1). The file does not say its image size."""
     if not image_size:
         raise ConfigError("a DDPM weights file does not say its image size: pass --image-size (32 for CIFAR-10, "
                           "256 for LSUN and CelebA-HQ)")
@@ -142,17 +153,20 @@ def model_from_ddpm(weights: dict, image_size: int | None) -> dict:
     except (KeyError, ValueError, IndexError) as err:
         raise ConfigError(f"the weights lack {err} of the DDPM port's network (temb.dense.0, down.0.block.0, ..., "
                           "conv_out): they are not in its names") from None
+    # Ho et al. 2020, appendix B: dropout 0.1 on CIFAR-10 (swept), zero on the other (256x256) datasets
+    dropout = 0.1 if image_size == 32 else 0.0
     return {"image_size": image_size, "in_channels": in_channels, "out_channels": out_channels, "ch": ch,
-            "ch_mult": ch_mult, "num_res_blocks": blocks, "dropout": 0.1, "norm_groups": 32, "num_heads": 1,
+            "ch_mult": ch_mult, "num_res_blocks": blocks, "dropout": dropout, "norm_groups": 32, "num_heads": 1,
             "attn_resolutions": [image_size // 2**i for i in range(levels) if f"down.{i}.attn.0.q.weight" in weights],
             "scale_shift_norm": False, "norm_eps": 1e-6, "downsample_padding": "same", "flip_sin_to_cos": False,
             "freq_shift": 1}
 
 
-def diffusion_from_ddpm(variance: str | None) -> tuple[dict, dict]:
-    """Ho et al.'s schedule (linear 1e-4..0.02, T = 1000, eps prediction) with the variance their run used."""
+def diffusion_from_ddpm(variance: str | None, source: str = "a DDPM weights file") -> tuple[dict, dict]:
+    """Ho et al.'s schedule (linear 1e-4..0.02, T = 1000, eps prediction; DDPMScheduler's defaults too) with the
+    variance their run used, which `source` (a DDPM weights file, a UNet2DModel folder without scheduler/) lacks."""
     if variance not in ("fixed_large", "fixed_small"):
-        raise ConfigError(f"--variance={variance}: a DDPM weights file does not say its variance; pass --variance "
+        raise ConfigError(f"--variance={variance}: {source} does not say its variance; pass --variance "
                           "fixed_large (the authors' CIFAR-10 run) or fixed_small (their LSUN and CelebA-HQ runs)")
     return ({"_target_": "ddpmlab.diffusion.schedules.linear_betas", "timesteps": 1000, "beta_start": 0.0001,
              "beta_end": 0.02}, {"prediction": "eps", "variance": variance})
@@ -188,7 +202,7 @@ def unet_from_model(model: dict, out_channels: int) -> dict:
 def diffusion_from_scheduler(config: dict | None) -> tuple[dict, dict]:
     """(our schedule config, our diffusion's prediction/variance) from a DDPMScheduler scheduler_config.json."""
     c = _fields(config or {}, "DDPMScheduler", SCHEDULER_DEFAULTS, SCHEDULER_FIXED,
-                "our samplers clip x_0 to [-1, 1] as Ho et al. do")
+                "our samplers clip x_0 to [-1, 1] as Ho et al. do", SCHEDULER_LEGACY)
     if c["variance_type"] not in VARIANCES:
         raise refuse("variance_type", c["variance_type"], f"ours are {', '.join(VARIANCES)} (diffusers' 'learned' "
                      "reads the output as a variance, ours as a log variance)")
@@ -198,7 +212,8 @@ def diffusion_from_scheduler(config: dict | None) -> tuple[dict, dict]:
     if c["trained_betas"] is not None:
         if len(c["trained_betas"]) != steps:
             raise refuse("trained_betas", f"{len(c['trained_betas'])} values", f"num_train_timesteps is {steps}")
-        schedule = {"_target_": "ddpmlab.diffusion.schedules.given_betas", "betas": list(c["trained_betas"])}
+        schedule = {"_target_": "ddpmlab.diffusion.schedules.given_betas", "timesteps": steps,
+                    "betas": list(c["trained_betas"])}
     elif c["beta_schedule"] == "linear":
         schedule = {"_target_": "ddpmlab.diffusion.schedules.linear_betas", "timesteps": steps,
                     "beta_start": c["beta_start"], "beta_end": c["beta_end"]}
