@@ -354,7 +354,9 @@ def test_train_fine_tunes_an_imported_checkpoint_and_init_from_refuses_another_n
         return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                               env=env, timeout=300)
 
-    done = train_py(f"ckpt_path={tmp_path / 'tiny.ckpt'}", *overrides, *common, f"hydra.run.dir={tmp_path / 'ft'}")
+    # another recipe than the import's stored one (optim, dropout): weights carry no recipe to continue
+    done = train_py(f"ckpt_path={tmp_path / 'tiny.ckpt'}", *overrides, *common, "optim.lr=2e-4", "optim.warmup_steps=5",
+                    "model.dropout=0.1", f"hydra.run.dir={tmp_path / 'ft'}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "holds weights only: training starts at step 0" in done.stdout + done.stderr
     assert torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import ConfigError
+from ddpmlab.plots import read_curves
 from ddpmlab.training import train
 from tests.conftest import ROOT, compose_config
 
@@ -97,3 +98,21 @@ def test_a_job_slurm_requeued_continues_from_its_folder_and_a_fresh_start_there_
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     train(smoke(6))
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_a_requeued_resume_continues_from_its_own_folder_not_from_where_it_started(tmp_path, monkeypatch):
+    """A job started as `ckpt_path=OTHER` and requeued after saving its own steps goes on from its own last.ckpt
+    (the first start's checkpoint is behind it; a start in a folder with checkpoints would be refused)."""
+    def smoke(max_steps, folder, *extra):
+        return compose_config("experiment=smoke", f"trainer.max_steps={max_steps}", "callbacks.sample_grid=null",
+                              "++val.num_images=0", "++optimized_metric=null", *extra, output_dir=tmp_path / folder)
+
+    train(smoke(3, "first"))
+    started = f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"
+    train(smoke(4, "job", started))  # the job's first part, stopped at step 4
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train(smoke(6, "job", started))
+    assert load_checkpoint(tmp_path / "job" / "checkpoints" / "last.ckpt")["global_step"] == 6
+    # both parts' steps are in the one metrics.csv (Lightning's CSVLogger deleted the first part's rows)
+    steps = [s for s, _ in read_curves(tmp_path / "job" / "csv" / "metrics.csv")["train/loss"]]
+    assert steps[0] == 4 and steps[-1] == 6  # step 4 was logged by the first part

@@ -2,6 +2,7 @@
 
 import signal
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -212,6 +213,10 @@ class LastCheckpoint(L.Callback):
         signum = self.received or signal.SIGTERM  # another rank's signal
         if signum == self.REQUEUE and callable(self._previous.get(signum)):
             self._previous[signum](signum, None)  # submitit's: rank 0 requeues the job and exits; the others return
+            # ...and wait for SLURM to end them: a task that exits first can make srun (KillOnBadExit) kill rank 0
+            # before its requeue goes through (submitit's own handler says not to exit there)
+            while True:
+                time.sleep(60)
         raise Preempted(signum, f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; "
                                 f"{self.RESUME}")
 

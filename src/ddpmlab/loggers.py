@@ -1,6 +1,7 @@
 """Logger construction that must decide something at run time (wandb online or offline), and what the
 loggers take differently: images, and the final numbers beside the hyperparameters."""
 
+import csv
 import netrc
 import os
 import sys
@@ -14,6 +15,34 @@ def _has_wandb_credentials() -> bool:
         return netrc.netrc(Path.home() / ".netrc").authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+def csv_logger(save_dir: str, name: str = "csv", version: str = "", **kwargs):
+    """Lightning's CSVLogger (conf/logger/csv.yaml), except that a run continued in its own folder (ckpt_path=last,
+    a requeued job) appends to its csv/metrics.csv: Lightning's writer deletes the file it finds there, and with
+    it every step logged before the resume. lightning is imported here, after the config check."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning's removes an earlier metrics.csv here
+            pass
+
+        def __init__(self, log_dir: str):
+            super().__init__(log_dir)
+            if self._fs.isfile(self.metrics_file_path):  # its columns go on: rows are appended below them
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = next(csv.reader(f), [])
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
 
 
 def wandb_logger(save_dir: str, project: str, offline: bool | None = None, group: str | None = None, **kwargs):

@@ -162,10 +162,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
     output_dir = Path(cfg.paths.output_dir)
     own_last = output_dir / "checkpoints" / "last.ckpt"
-    if cfg.ckpt_path is None and own_last.is_file() and requeued_job():
+    if own_last.is_file() and requeued_job():  # whatever it started from, the job goes on from its own last step
         log.warning(f"requeued job: continuing from {own_last}")
         with open_dict(cfg):
-            cfg.ckpt_path = str(own_last)
+            cfg.ckpt_path, cfg.init_from = str(own_last), None
     if cfg.ckpt_path is None or Path(cfg.ckpt_path).resolve().parent != (output_dir / "checkpoints").resolve():
         _check_output_dir(output_dir)  # a run continued in place may of course hold its own checkpoints
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -173,16 +173,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.data)
     module = build_module(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else {}
-    changed, notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
-    if checkpoint:
-        check_matches(module, checkpoint, cfg.ckpt_path)
-    if cfg.init_from is not None:
-        init_weights(module, cfg.init_from)
-    fit_from = cfg.ckpt_path
-    if checkpoint and "optimizer_states" not in checkpoint:  # weights only (hub import): a fine-tune from step 0
+    fit_from, changed, notes = cfg.ckpt_path, [], []
+    if checkpoint and "optimizer_states" not in checkpoint:
+        # Weights only (python -m ddpmlab.hub import): nothing of a training run to continue, so it starts one at
+        # step 0 from the weights, as init_from does, whatever recipe this run has
         init_weights(module, cfg.ckpt_path, checkpoint)
         fit_from = None
         notes.append(f"{cfg.ckpt_path} holds weights only: training starts at step 0 from them, with a fresh optimizer")
+    elif checkpoint:
+        changed, notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
+        check_matches(module, checkpoint, cfg.ckpt_path)
+    else:
+        check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
+    if cfg.init_from is not None:
+        init_weights(module, cfg.init_from)
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
