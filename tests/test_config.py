@@ -23,7 +23,8 @@ AT_SCALE = {"model=unet_256": ["data=image_folder", "data.image_size=256", "mode
             **{f"experiment={e}": ["model.ch=32"] for e in ("ddpm_celebahq256", "ddpm_lsun_church256",
                                                             "ddpm_lsun_bedroom256", "ddpm_lsun_cat256",
                                                             "iddpm_imagenet64", "iddpm_imagenet64_vlb")},
-            "schedule=given": ["schedule.timesteps=3", "schedule.betas=[0.0001,0.01,0.02]"]}  # no default betas
+            "schedule=given": ["schedule.timesteps=3", "schedule.betas=[0.0001,0.01,0.02]"],  # no default betas
+            "data=shards": ["data.path=SHARDS", "model.attn_resolutions=[16]"]}  # no default folder (read later)
 
 
 def options(group: str) -> list[str]:
