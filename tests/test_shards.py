@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,14 +15,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.data import DiffusionDataModule, load_image, resize_crop
 from ddpmlab.errors import ConfigError
 from ddpmlab.evaluation import evaluate
+from ddpmlab.metrics.fidelity import reference_cache_name
 from ddpmlab.prepare import main as prepare
+from ddpmlab.resume import check_resume
 from ddpmlab.shards import ShardImages
 from ddpmlab.training import train
 from tests.conftest import ROOT, compose_config
@@ -122,6 +125,61 @@ def test_the_command_prints_a_bad_argument_in_one_line_and_exits_2(shards, tmp_p
                             timeout=300)
     assert result.returncode == 2 and result.stderr == "error: --image-size=0 must be at least 1: the side in pixels, e.g. 64\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_image_is_one_line_exit_2_and_leaves_no_out_folder_so_a_rerun_works(shards, tmp_path):
+    """The image fails in a litdata worker, partway through: --out appears only once every image is written."""
+    shutil.copytree(shards["images"] / "test", tmp_path / "images")
+    corrupt = sorted((tmp_path / "images").glob("*.png"))[3]
+    good = corrupt.read_bytes()
+    corrupt.write_bytes(b"not a png")
+    command = [sys.executable, "-m", "ddpmlab.prepare", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+               "--image-size", "8", "--workers", "2"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("error: ") == 1 and (f"error: cannot read image {corrupt} (UnidentifiedImageError): "
+                                                    "remove or replace that file\n") in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["images"]
+    corrupt.write_bytes(good)
+    rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"] and len(ShardImages(tmp_path / "out" / "train")) == 6
+
+
+class CountReads:
+    """litdata's dataset, recording the index of every image read through it."""
+
+    def __init__(self, dataset):
+        self.dataset, self.read = dataset, []
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return self.dataset[index]
+
+
+def test_the_fid_reference_reads_the_first_n_shard_images_one_at_a_time_and_no_others(shards, tmp_path):
+    """evaluation's reference is train_images.narrow(0, 0, n): on shards a view, read image by image by the cache
+    digest and the features (so memory does not grow with n), the same images and cache name as the tensor's."""
+    images = ShardImages(shards["out"] / "train")
+    in_memory = images[:]  # (24, C, S, S): the in-memory path's split
+    images.dataset = counted = CountReads(images.dataset)
+    reference = images.narrow(0, 0, 5)
+    assert counted.read == [] and reference.shape == (5, 3, SIZE, SIZE)
+    assert reference_cache_name(reference, "inception", "w", "x") == reference_cache_name(in_memory.narrow(0, 0, 5),
+                                                                                          "inception", "w", "x")
+    assert counted.read == [0, 1, 2, 3, 4]
+    assert torch.equal(torch.stack([reference[i] for i in range(5)]), in_memory[:5])
+
+
+def test_changing_num_workers_on_shards_is_logged_as_no_longer_exact(shards, tmp_path):
+    """litdata's order depends on its worker count (0 and 2 workers stream other batches); the in-memory path's does not."""
+    for cfg, inexact in ((shards_config(shards["out"], tmp_path), True),
+                         (compose_config("experiment=smoke", output_dir=tmp_path), False)):
+        stored = OmegaConf.to_container(cfg, resolve=True)
+        config = {**stored, "data": {**stored["data"], "num_workers": stored["data"]["num_workers"] + 2}}
+        changed, notes = check_resume(stored, config, cfg, "last.ckpt")
+        assert changed == [] and any("data.num_workers" in n and "exact resume no longer holds" in n
+                                     for n in notes) == inexact
 
 
 class Proxy:

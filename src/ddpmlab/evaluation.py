@@ -191,7 +191,8 @@ def fidelity_for(cfg, train_cfg, data, device: torch.device):
         weights = str(ensure_classifier(train_cfg.data.dataset, str(root), data.image_size))
     else:
         weights = resolve_inception_weights(cfg.inception_weights, root / "fidelity")
-    fidelity = FidelityMetrics(list(cfg.metrics), cfg.feature_extractor, weights, data.train_images[:n],
+    fidelity = FidelityMetrics(list(cfg.metrics), cfg.feature_extractor, weights,
+                               data.train_images.narrow(0, 0, n),  # a view: shards are read image by image
                                f"{train_cfg.data.dataset}-train", root / "fidelity" / "cache", device,
                                kid_subset_size=cfg.kid_subset_size)
     total = len(data.train_images)

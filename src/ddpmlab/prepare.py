@@ -14,8 +14,13 @@ Bad arguments print one line and exit 2 before anything is written; DIR must not
 """
 
 import argparse
+import ctypes
 import io
+import multiprocessing
 import os
+import re
+import signal
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,13 +39,19 @@ assert set(DATASETS) <= set(READERS)  # the same readers as training's in-memory
 
 
 class FromFiles:
-    """Image file (or LMDB key) -> uint8 (C, S, S) through data.load_image: EXIF, 8-bit, transparency, resize."""
+    """Index -> uint8 (C, S, S) of that image file (or LMDB key) through data.load_image: EXIF, 8-bit,
+    transparency, resize.
 
-    def __init__(self, image_size: int, channels: int, background, lmdb_path: str | None = None):
-        self.image_size, self.channels, self.background, self.lmdb_path = image_size, channels, background, lmdb_path
-        self.env = None
+    litdata gets indices, not paths: given paths it starts processes that copy the files to a cache first,
+    and a failing image then leaves them orphaned, holding our stderr open.
+    """
 
-    def __call__(self, item):
+    def __init__(self, items: list, image_size: int, channels: int, background, lmdb_path: str | None = None):
+        self.items, self.image_size, self.channels, self.background = items, image_size, channels, background
+        self.lmdb_path, self.env = lmdb_path, None
+
+    def __call__(self, index: int):
+        item = self.items[index]
         if self.lmdb_path is None:
             return load_image(Path(item), self.image_size, self.channels, self.background)
         if self.env is None:  # opened in the worker process that reads (LMDB handles do not cross a fork)
@@ -81,11 +92,9 @@ def splits(src: str, args) -> dict[str, tuple]:
     root = Path(src).expanduser()
     files = image_files(root, key="SRC")
     train, test = image_folder_split(root, files, args.test_fraction, args.split_seed)
-    fn = FromFiles(args.image_size, channels, args.background)
-    out = {TRAIN: (fn, [str(p) for p in train])}
-    if train is not test:  # a held-out split exists
-        out[TEST] = (fn, [str(p) for p in test])
-    return out
+    out = {TRAIN: train} | ({TEST: test} if train is not test else {})  # test: a held-out split exists
+    return {name: (FromFiles(files, args.image_size, channels, args.background), list(range(len(files))))
+            for name, files in out.items()}
 
 
 def _lsun(path: Path, image_size: int, channels: int, background):
@@ -99,7 +108,7 @@ def _lsun(path: Path, image_size: int, channels: int, background):
         keys = list(txn.cursor().iternext(values=False))
     if not keys:
         raise ConfigError(f"SRC=lsun:{path} holds no images")
-    return FromFiles(image_size, channels, background, lmdb_path=str(path)), keys
+    return FromFiles(keys, image_size, channels, background, lmdb_path=str(path)), list(range(len(keys)))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -133,11 +142,54 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise ConfigError(f"--background={args.background!r} is not a colour: use a name (white) or #rrggbb") from None
     work = splits(args.src, args)
-    ld = litdata()
-    for name, (fn, inputs) in work.items():
-        print(f"{name}: {len(inputs)} images -> {args.out / name}", file=sys.stderr)
-        ld.optimize(fn=fn, inputs=inputs, output_dir=str(args.out / name), chunk_bytes=args.chunk_bytes,
-                    num_workers=min(args.workers, len(inputs)), keep_data_ordered=True, start_method="fork")
+    # Written beside --out and renamed into place when whole, so a failure leaves no half-written --out that
+    # every rerun would refuse; the temporary folder is ours, removed on failure.
+    partial = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True)
+    try:
+        for name, (fn, inputs) in work.items():
+            print(f"{name}: {len(inputs)} images -> {args.out / name}", file=sys.stderr)
+            optimize(fn, inputs, partial / name, min(args.workers, len(inputs)), args.chunk_bytes)
+        if args.out.exists():
+            args.out.rmdir()  # empty, checked above
+        partial.rename(args.out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def optimize(fn, inputs: list, out: Path, workers: int, chunk_bytes: str) -> None:
+    """litdata's optimize; an image that fails to load in a worker (ConfigError there) is one ConfigError here.
+
+    litdata reports a worker's exception as a RuntimeError holding its traceback's text, whose last line
+    with ddpmlab's ConfigError is the message that names the file.
+    """
+    if sys.platform == "linux":  # orphans of our processes become our children (PR_SET_CHILD_SUBREAPER)
+        ctypes.CDLL(None).prctl(36, 1)
+    try:
+        litdata().optimize(fn=fn, inputs=inputs, output_dir=str(out), chunk_bytes=chunk_bytes, num_workers=workers,
+                           keep_data_ordered=True, start_method="fork")
+    except RuntimeError as err:
+        _end_orphans()
+        found = re.findall(rf"^{ConfigError.__module__}\.ConfigError: (.+)$", str(err), re.MULTILINE)
+        if not found:
+            raise
+        raise ConfigError(found[-1]) from None
+
+
+
+def _end_orphans() -> None:
+    """End what litdata's terminated workers leave behind: each worker's remover process waits on its queue for
+    ever, holding our stderr open (a caller reading it would wait too). Adopted as the subreaper's children
+    once the workers, which litdata terminates without waiting, are gone."""
+    for child in multiprocessing.active_children():
+        child.join(10)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == os.getpid():
+            os.kill(int(stat.parent.name), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ def check_resume(stored: dict | None, config: dict, cfg: DictConfig, path) -> tu
             f"or start a new run from its weights with init_from={path}")
     let_through = [key for key in changed if _defining(key)]
     notes = [f"resuming {path} with {shown[key]} (resume.allow_changes)" for key in let_through]
-    inexact = [shown[key] for key in changed if _under(key, INEXACT)]
+    # litdata deals the shards' chunks out to its workers, so there the order is a function of num_workers too.
+    streamed = (config.get("data") or {}).get("dataset") == "shards"
+    inexact = [shown[key] for key in changed if _under(key, INEXACT + (("data.num_workers",) if streamed else ()))]
     if inexact:
         notes.append(f"resuming {path} with {', '.join(inexact)}: the batches from here on are not those of the "
                      "uninterrupted run, so exact resume no longer holds")

@@ -6,6 +6,7 @@ chunks and the images within them by (seed, epoch) and gives each DDP rank its o
 both splits as ShardImages, so neither split is ever held in memory whole.
 """
 
+import copy
 import functools
 import json
 import os
@@ -26,7 +27,9 @@ def litdata():
     (requests with a 30 s timeout), unless LITDATA_DISABLE_VERSION_CHECK=1 when it is first imported: on a
     compute node without internet every start would wait on that. Every use of litdata here comes through this.
     """
-    os.environ["LITDATA_DISABLE_VERSION_CHECK"] = "1"  # LITDATA_CHECK_UPDATES=1 would turn the check back on
+    # Forced, not a default: a LITDATA_CHECK_UPDATES=1 or LITDATA_DISABLE_VERSION_CHECK=0 in the environment
+    # (litdata's own switches) would bring the stall back, so neither turns the check on through ddpmlab.
+    os.environ["LITDATA_DISABLE_VERSION_CHECK"] = "1"
     import litdata as ld
 
     return ld
@@ -44,14 +47,24 @@ class ShardImages:
     """One split of the shards as a read-only sequence of uint8 images, read from disk on access.
 
     images[i] is (C, S, S); images[[i, j, ...]] and images[a:b] are (N, C, S, S), as the in-memory path's tensor
-    indexes (evaluation takes the NLL's test images by index and the reference images as a leading slice).
+    indexes (evaluation takes the NLL's test images by index). images.narrow(0, start, n) is, as a tensor's, a
+    view that reads nothing until indexed: the FID reference, the first n of a split that may not fit in memory.
     """
+
+    dtype = torch.uint8
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.dataset = litdata().StreamingDataset(str(folder))
         # The whole split's size: len(StreamingDataset) is one DDP rank's share.
-        self.length = sum(chunk["chunk_size"] for chunk in json.loads((folder / "index.json").read_text())["chunks"])
+        self.start, self.length = 0, sum(
+            chunk["chunk_size"] for chunk in json.loads((folder / "index.json").read_text())["chunks"])
+
+    def narrow(self, dim: int, start: int, length: int) -> "ShardImages":
+        assert dim == 0 and 0 <= start and 0 <= length and start + length <= self.length, (dim, start, length)
+        view = copy.copy(self)
+        view.start, view.length = self.start + start, length
+        return view
 
     def __len__(self) -> int:
         return self.length
@@ -64,8 +77,10 @@ class ShardImages:
         if isinstance(index, slice):
             index = range(*index.indices(self.length))
         if isinstance(index, int):
-            return self.dataset[index]
-        return torch.stack([self.dataset[int(i)] for i in index])
+            if not -self.length <= index < self.length:
+                raise IndexError(f"index {index} is out of range for {self.length} images")
+            return self.dataset[self.start + index % self.length]
+        return torch.stack([self[int(i)] for i in index])
 
 
 def read_shards(root: Path, train: bool, path: str | None = None, **_) -> ShardImages:

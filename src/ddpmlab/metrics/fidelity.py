@@ -26,6 +26,7 @@ from ddpmlab.errors import ConfigError
 from ddpmlab.metrics.inception import inception_logits_available
 from ddpmlab.models.classifier import Classifier, load_classifier
 from ddpmlab.progress import track
+from ddpmlab.shards import ShardImages
 
 CLASSIFIER = "ddpmlab-classifier"
 INCEPTION = "inception-v3-compat"
@@ -98,7 +99,7 @@ def resolve_inception_weights(setting: str | None, cache_dir: Path) -> str | Non
     return setting
 
 
-def reference_cache_name(reference: Tensor, extractor: str, weights_id: str, label: str) -> str:
+def reference_cache_name(reference: Tensor | ShardImages, extractor: str, weights_id: str, label: str) -> str:
     """torch-fidelity's cache name for the statistics of `reference`: readable, then a digest of all they depend on.
 
     The digest covers the reference images' bytes and shape (hence the dataset, split, image size, channels,
@@ -112,7 +113,8 @@ def reference_cache_name(reference: Tensor, extractor: str, weights_id: str, lab
     for part in (extractor, weights_id, torch_fidelity.__version__, *map(inspect.getsource, code),
                  str(tuple(reference.shape)), str(reference.dtype)):
         digest.update(part.encode() + b"\0")
-    digest.update(reference.cpu().contiguous().numpy())  # (N, C, H, W) uint8
+    for i in range(len(reference)):  # image by image (the same digest as all bytes at once): shards may not fit in memory
+        digest.update(reference[i].cpu().contiguous().numpy())  # (C, H, W) uint8
     n, c, h, w = reference.shape
     return f"{label}-{c}x{h}x{w}-n{n}-{extractor}-{digest.hexdigest()[:24]}"
 
