@@ -1,5 +1,6 @@
 """Callbacks: sample grids from the EMA weights, plots of the run, and last.ckpt where training stops."""
 
+import os
 import signal
 import threading
 import time
@@ -194,10 +195,14 @@ class LastCheckpoint(L.Callback):
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a process forked from training (torch.compile's workers): not ours to save
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.received = None
+        self.received, self._pid = None, os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
