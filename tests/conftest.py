@@ -22,6 +22,18 @@ def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfi
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """Every test leaves os.environ as it found it. Libraries set variables as a side effect (Lightning's SLURM
+    environment writes MASTER_ADDR=<first SLURM node>, seeding writes PL_GLOBAL_SEED); inherited by a later test's
+    DDP processes, such a MASTER_ADDR made their rendezvous wait on a host that does not exist until the timeout."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture
 def cfg_smoke(tmp_path) -> DictConfig:
     """The smoke experiment writing into tmp_path/run, on the real Fashion-MNIST data."""

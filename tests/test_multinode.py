@@ -38,6 +38,8 @@ def test_slurm_ddp_asks_for_n_nodes_of_g_gpus_with_a_task_each_and_lightning_rea
 
     for key, value in SLURM_TASK_13.items():
         monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # absent, as under srun; Lightning writes both into os.environ
+        monkeypatch.delenv(key, raising=False)
     trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
     assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (4, 8, 32)
     assert (trainer.global_rank, trainer.node_rank, trainer.local_rank) == (13, 1, 5)
