@@ -76,6 +76,7 @@ def test_a_split_smaller_than_one_batch_trains_and_bad_epochs_are_one_line(tmp_p
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_classifier(classifier_path(tmp_path, "mnist", 28))[1]["recipe"]["batch_size"] == 40
-    for bad in (["--epochs", "0"], ["--root", str(tmp_path / "missing")]):
+    for bad in (["--epochs", "0"], ["--epochs", "two"], ["--dataset", "imagenet"], ["--root", str(tmp_path / "missing")]):
         result = subprocess.run(command + bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr

@@ -242,6 +242,11 @@ def test_bad_sources_and_an_offline_push_are_one_line_exit_2_and_write_nothing(t
              "pass its path": ("hf://google/ddpm-cifar10-32", unreachable)}
     started = {says: hub("import", src, "--out", tmp_path / f"{i}.ckpt", env=env, wait=False)
                for i, (says, (src, env)) in enumerate(cases.items())}
+    for says, args in {"required: --out": ["import", tiny], "invalid int value: '32px'": [  # argparse's own checks
+            "import", tiny, "--out", tmp_path / "x.ckpt", "--image-size", "32px"], "invalid choice: 'convert'": [
+            "convert", tiny]}.items():
+        out, err, code = hub(*args)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, (says, err)
     import_checkpoint(str(tiny), tmp_path / "tiny.ckpt")
     pushed = hub("export", tmp_path / "tiny.ckpt", "--out", tmp_path / f"{len(cases)}.ckpt", "--push-to-hub",
                  "me/tiny", env=offline, wait=False)

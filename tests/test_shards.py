@@ -107,7 +107,6 @@ def test_prepare_reads_lsuns_lmdb_export(tmp_path):
     (["{images}/nowhere", "--out", "{out}", "--image-size", "8"], "SRC={images}/nowhere does not exist"),
     (["imagenet:{images}", "--out", "{out}", "--image-size", "8"], "SRC=imagenet:{images} is no folder"),
     ([f"cifar10:{ROOT}", "--out", "{out}", "--image-size", "8"], f"CIFAR-10 not found or corrupted under {ROOT}"),
-    (["{images}", "--image-size", "8"], "the following arguments are required: --out"),
 ])
 def test_bad_arguments_name_the_problem_and_write_nothing(shards, tmp_path, args, message):
     (tmp_path / "full").mkdir()
@@ -125,6 +124,12 @@ def test_the_command_prints_a_bad_argument_in_one_line_and_exits_2(shards, tmp_p
                             timeout=300)
     assert result.returncode == 2 and result.stderr == "error: --image-size=0 must be at least 1: the side in pixels, e.g. 64\n"
     assert not (tmp_path / "out").exists()
+    for args, says in ((["--image-size", "8"], "the following arguments are required: --out"),  # argparse's own
+                       (["--out", str(tmp_path / "out"), "--image-size", "8px"], "argument --image-size: invalid int")):
+        result = subprocess.run([sys.executable, "-m", "ddpmlab.prepare", str(shards["images"]), *args], env=ENV,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {says}") and result.stderr.count("\n") == 1
+        assert result.stderr.endswith("(see python -m ddpmlab.prepare --help)\n") and not (tmp_path / "out").exists()
 
 
 def test_a_corrupt_image_is_one_line_exit_2_and_leaves_no_out_folder_so_a_rerun_works(shards, tmp_path):

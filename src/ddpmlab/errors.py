@@ -1,5 +1,7 @@
 """The errors that entry points turn into a single line and an exit code, never a traceback."""
 
+import argparse
+
 
 class ConfigError(ValueError):
     """A user-facing mistake in a config value, a data folder or a checkpoint (exit code 2).
@@ -25,3 +27,11 @@ class Preempted(RuntimeError):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the `python -m ddpmlab.*` tools: a bad argument is one line `error: ...` and exit code 2, like
+    every other bad input (argparse's own prints its usage block first). Subcommands' parsers are the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

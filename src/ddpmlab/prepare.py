@@ -30,7 +30,7 @@ from PIL import Image, ImageColor
 from ddpmlab.data import (
     READERS, image_files, image_folder_split, load_image, read_cifar10, read_fashion_mnist, read_mnist, resize_crop,
 )
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OneLineParser
 from ddpmlab.shards import TEST, TRAIN, litdata
 
 DATASETS = {"cifar10": read_cifar10, "mnist": read_mnist, "fashion_mnist": read_fashion_mnist}
@@ -109,11 +109,6 @@ def _lsun(path: Path, image_size: int, channels: int, background):
     if not keys:
         raise ConfigError(f"SRC=lsun:{path} holds no images")
     return FromFiles(keys, image_size, channels, background, lmdb_path=str(path)), list(range(len(keys)))
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{message} (usage: python -m ddpmlab.prepare SRC --out DIR --image-size N)")
 
 
 def main(argv: list[str] | None = None) -> None:

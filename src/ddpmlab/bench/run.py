@@ -38,7 +38,7 @@ from ddpmlab.bench.report import SIDES, add_gains, table
 from ddpmlab.data import to_uint8
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.diffusion.samplers import get_sampler
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OneLineParser
 from ddpmlab.performance import optimize_network
 from ddpmlab.progress import track
 from ddpmlab.training import build, build_module
@@ -47,14 +47,8 @@ ROOT = Path(__file__).resolve().parents[3]
 PRESETS = {"cifar10": ["experiment=ddpm_cifar10"], "fashion_mnist": []}  # the default run is Fashion-MNIST's
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line and exit code 2, like every other bad input (argparse adds its usage block)."""
-        self.exit(2, f"error: {message} (see python -m ddpmlab.bench --help)\n")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m ddpmlab.bench", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m ddpmlab.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=[*PRESETS, "all"], default="all")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")

@@ -4,10 +4,9 @@ Bad input (a folder that is no diffusers folder, a network ours cannot represent
 is one line on stderr and exit 2, with nothing written.
 """
 
-import argparse
 import sys
 
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OneLineParser
 from ddpmlab.hub import export_pipeline, import_checkpoint
 
 
@@ -32,7 +31,7 @@ def _override(value) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddpmlab.hub", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m ddpmlab.hub", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     load = commands.add_parser("import", help="a diffusers DDPMPipeline or UNet2DModel folder -> a ddpmlab checkpoint")
     load.add_argument("src", help="a local folder, hf://owner/name (e.g. hf://google/ddpm-cifar10-32), or a "

@@ -6,7 +6,6 @@ are never confused with Inception FID. `python -m ddpmlab.models.classifier --da
 it once and caches it next to the data, with its recipe and test accuracy.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ddpmlab.data import READERS, labels_of, to_model_range
-from ddpmlab.errors import ConfigError
+from ddpmlab.errors import ConfigError, OneLineParser
 
 EPOCHS = 3
 # Train with random horizontal flips only where a mirrored image is still a sample of the dataset (as Ho et al.
@@ -135,7 +134,7 @@ def ensure_classifier(dataset: str, root: str, image_size: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the domain classifier used for classifier FID/IS/KID.")
+    parser = OneLineParser(prog="python -m ddpmlab.models.classifier", description="Train the domain classifier used for classifier FID/IS/KID.")
     parser.add_argument("--dataset", default="fashion_mnist", choices=list(FLIP))
     parser.add_argument("--root", default="data", help="the data root (data.root)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
