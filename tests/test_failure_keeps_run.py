@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddpmlab.checkpoints import load_checkpoint
+from ddpmlab.plots import read_curves
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,11 @@ def test_out_of_host_memory_mid_training_saves_the_step_and_names_it_in_one_line
     resumed = train(tmp_path, "ckpt_path=last")  # the saved state is a consistent one: the run continues from it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(ckpt)["global_step"] == 6
+    # ...in its own folder, where metrics.csv goes on below the steps logged before the error (Lightning's own
+    # CSVLogger deleted them): the smoke run logs every 2nd step.
+    curves = read_curves(run / "csv" / "metrics.csv")
+    assert [step for step, _ in curves["train/loss"]] == [2, 4, 6]
+    assert [step for step, _ in curves["val/bpd"]] == [6]
 
 
 def test_a_bug_mid_training_keeps_its_traceback_and_saves_the_step(tmp_path):
