@@ -1,6 +1,7 @@
 """Shared fixtures: the real Hydra config, composed once per test and shrunk to run in seconds."""
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,15 +24,23 @@ def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfi
 
 
 @pytest.fixture(autouse=True)
-def _environment_as_it_was():
-    """Every test leaves os.environ as it found it. Libraries set variables as a side effect (Lightning's SLURM
-    environment writes MASTER_ADDR=<first SLURM node>, seeding writes PL_GLOBAL_SEED); inherited by a later test's
-    DDP processes, such a MASTER_ADDR made their rendezvous wait on a host that does not exist until the timeout."""
+def _process_state_as_it_was():
+    """Every test leaves os.environ and Lightning's process rank as it found them. Libraries set both as a side
+    effect: Lightning's SLURM environment writes MASTER_ADDR=<first SLURM node> (inherited by a later test's DDP
+    processes, their rendezvous waited on a host that does not exist until the timeout), seeding writes
+    PL_GLOBAL_SEED, and a Trainer built with rank 13 leaves rank_zero_only.rank = 13, after which every later
+    in-process run believed it was not rank 0 and its CSV logger wrote nothing."""
     before = dict(os.environ)
+    rank_zero = sys.modules.get("lightning_utilities.core.rank_zero")
+    rank = getattr(rank_zero.rank_zero_only, "rank", None) if rank_zero else None
     yield
     if os.environ != before:
         os.environ.clear()
         os.environ.update(before)
+    if rank_zero is None:
+        rank_zero = sys.modules.get("lightning_utilities.core.rank_zero")
+    if rank_zero is not None:
+        rank_zero.rank_zero_only.rank = 0 if rank is None else rank  # 0: the pytest process is one process
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ class ShardImages:
         # The whole split's size: len(StreamingDataset) is one DDP rank's share.
         self.start, self.length = 0, sum(
             chunk["chunk_size"] for chunk in json.loads((folder / "index.json").read_text())["chunks"])
+        self.image_shape = tuple(self.dataset[0].shape) if self.length else ()  # read once; views share it
 
     def narrow(self, dim: int, start: int, length: int) -> "ShardImages":
         assert dim == 0 and 0 <= start and 0 <= length and start + length <= self.length, (dim, start, length)
@@ -71,7 +72,7 @@ class ShardImages:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.length, *self[0].shape)
+        return (self.length, *self.image_shape)
 
     def __getitem__(self, index) -> Tensor:
         if isinstance(index, slice):
