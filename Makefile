@@ -35,8 +35,10 @@ data:
 train: setup data
 	$(BIN)/python train.py $(ARGS)
 
+# Two pytest workers (pytest-xdist), a test file each at a time (module fixtures stay in one process), one
+# thread each (tests/conftest.py): most tests wait on a one-thread train.py process, which left a core idle.
 test: setup data
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 # The newest `make train` run (ckpt=last: runs/train/*) on a CPU budget: the NLL estimate on 1000 test images,
 # FID/KID (IS where the Inception weights have logits) of 500 DPM-Solver++ samples against the first 2000

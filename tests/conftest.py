@@ -11,6 +11,10 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DDPMLAB_ROOT", str(ROOT))
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: 2 workers on the CI machine's 2 cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # (two processes that each take both cores run several times slower)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:

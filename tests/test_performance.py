@@ -83,11 +83,13 @@ def test_bf16_mixed_precision_trains_fp32_weights(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_keeps_the_checkpoint_format(tmp_path):
-    """performance.compile=true compiles the U-Net in place: same parameter names, evaluation loads it."""
-    metrics = train(smoke(tmp_path, "performance.compile=true", "trainer.max_steps=2"))
+    """performance.compile=true compiles the U-Net in place: same parameter names, evaluation loads it. The U-Net
+    has one level and no attention here: inductor's compile time grows with the graph, and any graph shows this."""
+    one_level = ["model.ch_mult=[1]", "model.attn_resolutions=[]"]
+    metrics = train(smoke(tmp_path, "performance.compile=true", "trainer.max_steps=2", *one_level))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
-    assert state.keys() == build_module(smoke(tmp_path)).state_dict().keys()
+    assert state.keys() == build_module(smoke(tmp_path, *one_level)).state_dict().keys()
     model, _, _ = load_run(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), use_ema=True)
     assert model(torch.zeros(1, 1, 28, 28), torch.tensor([3])).shape == (1, 1, 28, 28)
 
