@@ -81,6 +81,9 @@ def plot_objective(points: list[tuple[int, float]], direction: str, path: Path, 
         ax.plot(trials, values, "o", label="trial")
         ax.step(trials, best, where="post", label=f"best so far ({direction})")
         ax.legend(fontsize=8)
+        if min(values) > 0 and max(values) > 10 * min(values):  # a diverged trial would flatten the others
+            ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # trials are whole numbers
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
