@@ -134,7 +134,8 @@ def ensure_classifier(dataset: str, root: str, image_size: int) -> Path:
 
 
 def main() -> None:
-    parser = OneLineParser(prog="python -m ddpmlab.models.classifier", description="Train the domain classifier used for classifier FID/IS/KID.")
+    parser = OneLineParser(prog="python -m ddpmlab.models.classifier",
+                           description="Train the domain classifier used for classifier FID/IS/KID.")
     parser.add_argument("--dataset", default="fashion_mnist", choices=list(FLIP))
     parser.add_argument("--root", default="data", help="the data root (data.root)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
