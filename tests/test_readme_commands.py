@@ -15,8 +15,8 @@ Shrinking: arguments are appended after the README's own (Hydra and argparse kee
 placeholder (`ckpt=...`, `<run>`, `PATH`) gets a file made once per session:
   train.py      experiment=smoke unless the line picks an experiment (then that one runs), trainer.max_steps=2
                 (4 when resuming the shared 2-step checkpoint), data.batch_size=4, callbacks.sample_grid=null;
-                hydra.run.dir, hydra.sweep.dir and paths.log_dir in the command's own folder, where
-                `ckpt_path=last` finds a copy of the shared run.
+                a search (hparams_search=) 2 trials; hydra.run.dir, hydra.sweep.dir and paths.log_dir in the
+                command's own folder, where `ckpt_path=last` finds a copy of the shared run.
   evaluate.py   the shared smoke checkpoint, data_root = a Fashion-MNIST-format folder of 256 train / 16 test
                 images (classifier, Inception conversion and reference statistics are made there once),
                 num_samples=6, reference_images=16, nll.num_images=2, nll_estimate.num_images=4 with 2 t each.
@@ -136,8 +136,9 @@ def _train_args(tokens: list[str], tmp: Path, shared: Shared) -> list[str]:
     if "ckpt_path=last" in tokens:  # the newest run of task smoke under paths.log_dir: a copy of the shared one
         shutil.copytree(shared.run, tmp / "logs" / "smoke" / shared.run.name)
     experiment = [] if any(t.lstrip("+").startswith("experiment=") for t in tokens) else ["experiment=smoke"]
+    searches = any(t.startswith("hparams_search=") for t in tokens)
     return [*experiment, *TRAIN_SHRINK, f"trainer.max_steps={SHARED_STEPS + 2 if resumes else 2}",
-            *_hydra_paths(tmp)]
+            *(["hydra.sweeper.n_trials=2"] if searches else []), *_hydra_paths(tmp)]
 
 
 def _hydra_paths(tmp: Path) -> list[str]:

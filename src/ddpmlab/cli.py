@@ -178,8 +178,11 @@ class _HeldStderr:
 
 def _one_line(report: str) -> str:
     """Hydra's report as one line: its hint about HYDRA_FULL_ERROR, indented details (full_key, object_type) and
-    the config search path dropped, a list of options joined ("Available options in 'model': unet, unet_cifar10")."""
+    the config search path dropped, a list of options joined ("Available options in 'model': unet, unet_cifar10").
+    A ConfigError raised in a Hydra plugin (the search's sweeper) comes as a traceback: its message alone."""
     report = report.split("Config search path:")[0]
+    if "ddpmlab.errors.ConfigError: " in report:
+        return report.rsplit("ddpmlab.errors.ConfigError: ", 1)[1].strip()
     parts = []
     for line in report.splitlines():
         if not line.strip() or line.startswith(("Set the environment variable HYDRA_FULL_ERROR", " ")):

@@ -9,14 +9,29 @@ cannot resume a study kept in its own sweep folder:
 - run folders continue from the study's trial count, so folder N holds Optuna's trial N and a second start never
   writes into the first one's folders (the stock sweeper numbers every start from 0);
 - a trial a killed start left running is recorded as failed and does not count as done.
+It adds one option, `baseline_first` (conf/hparams_search/optuna_default_run.yaml): a new study's trial 0 runs the
+composed configuration itself, each searched key at its composed value, so the table shows what the search gained.
 
 Hydra instantiates sweepers only from the hydra_plugins namespace, hence this package's place.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
+    from hydra.core.config_store import ConfigStore
+    from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    @dataclass
+    class ResumableOptunaSweeperConf(OptunaSweeperConf):
+        """hydra/sweeper=ddpmlab_optuna: the Optuna sweeper's options, and baseline_first (module docstring)."""
+
+        _target_: str = "hydra_plugins.ddpmlab_search.ResumableOptunaSweeper"
+        baseline_first: bool = False
+
+    ConfigStore.instance().store(group="hydra/sweeper", name="ddpmlab_optuna", node=ResumableOptunaSweeperConf,
+                                 provider="ddpmlab")
 except ImportError:  # no `search` extra: Hydra imports every plugin on each start, and would warn each time
     OptunaSweeper = object  # a plain class, which Hydra does not take for a plugin
 
@@ -24,10 +39,15 @@ except ImportError:  # no `search` extra: Hydra imports every plugin on each sta
 class ResumableOptunaSweeper(OptunaSweeper):
     """hydra-optuna-sweeper's OptunaSweeper, started where its stored study left off (module docstring)."""
 
+    def __init__(self, *args, baseline_first: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.baseline_first = baseline_first
+
     def setup(self, *, hydra_context, task_function, config) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         search = self.sweeper
+        baseline = composed_values(search, config) if self.baseline_first else None  # checked before any file
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         if search.storage is None or search.study_name is None:
             return
         import optuna  # only once a search starts: Hydra imports every plugin on every start
@@ -35,6 +55,12 @@ class ResumableOptunaSweeper(OptunaSweeper):
         try:
             study = optuna.load_study(study_name=search.study_name, storage=search.storage)
         except KeyError:  # no such study yet: a first start
+            study = None
+        if study is None:
+            if baseline is not None:
+                study = optuna.create_study(study_name=search.study_name, storage=search.storage,
+                                            directions=search._get_directions())
+                study.enqueue_trial(baseline)
             return
         trials = study.get_trials(deepcopy=False)
         killed = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
@@ -44,3 +70,33 @@ class ResumableOptunaSweeper(OptunaSweeper):
         search.job_idx = len(trials)
         if hasattr(search.sampler, "reseed_rng"):  # a fixed seed would replay the first start's random trials
             search.sampler.reseed_rng()
+
+
+def composed_values(search, config) -> dict:
+    """The composed configuration's value of each key the search varies (a config group's: its option's name), as
+    fixed values for optuna's enqueue_trial.
+
+    A value outside its key's search space cannot be trial 0: a ConfigError names the key and the space.
+    """
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from omegaconf import OmegaConf
+
+    from ddpmlab.errors import ConfigError
+
+    search._process_searchspace_config()  # the spaces as sweep() will make them: a command-line value fixes its key
+    spaces, fixed = create_params_from_overrides(search._parse_sweeper_params_config() +
+                                                 list(config.hydra.overrides.task))
+    spaces = {key: space for key, space in spaces.items() if key not in fixed}
+    choices = config.hydra.runtime.choices  # a config group's chosen option
+    values = {}
+    for key, space in spaces.items():
+        value = choices[key] if key in choices else OmegaConf.select(config, key)
+        try:
+            inside = space._contains(space.to_internal_repr(value))
+        except ValueError:  # a choice the space does not list
+            inside = False
+        if not inside:
+            raise ConfigError(f"hydra.sweeper.baseline_first: {key}={value} is outside the searched {space}: "
+                              f"search a space that holds it, or set hydra.sweeper.baseline_first=false")
+        values[key] = value
+    return values
