@@ -186,6 +186,7 @@ def test_baseline_first_makes_trial_0_the_composed_recipe(tmp_path):
                                       "model.dropout": composed.model.dropout}
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert study.trials[1].params != study.trials[0].params
+    assert "setup plugin" not in done.stdout + done.stderr  # alembic's INFO lines, from opening the study
     for run in ("0", "1"):
         assert "schedule=cosine" in OmegaConf.load(tmp_path / "sweep" / run / ".hydra" / "overrides.yaml")
 
