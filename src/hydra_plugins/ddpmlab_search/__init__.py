@@ -15,6 +15,7 @@ composed configuration itself, each searched key at its composed value, so the t
 Hydra instantiates sweepers only from the hydra_plugins namespace, hence this package's place.
 """
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ class ResumableOptunaSweeper(OptunaSweeper):
             if baseline is not None:
                 study = optuna.create_study(study_name=search.study_name, storage=search.storage,
                                             directions=search._get_directions())
-                study.enqueue_trial(baseline)
+                with warnings.catch_warnings():  # optuna 2.10 calls enqueue_trial experimental, on the user's terminal
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.enqueue_trial(baseline)
             return
         trials = study.get_trials(deepcopy=False)
         killed = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
