@@ -56,8 +56,6 @@ class ResumableOptunaSweeper(OptunaSweeper):
         try:
             study = optuna.load_study(study_name=search.study_name, storage=search.storage)
         except KeyError:  # no such study yet: a first start
-            study = None
-        if study is None:
             if baseline is not None:
                 study = optuna.create_study(study_name=search.study_name, storage=search.storage,
                                             directions=search._get_directions())
