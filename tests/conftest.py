@@ -63,3 +63,25 @@ def wandb_record(run_dir: Path, *keys: bytes, timeout: float = 30.0) -> bytes:
     while not all(k in record_file.read_bytes() for k in keys) and time.monotonic() < deadline:
         time.sleep(0.5)
     return record_file.read_bytes()
+
+
+# One of each refusal a run meets before training (a schema value, a rule between keys, the memory check, an
+# unwritable folder), a run that diverges (exit 3) and one that trains: as config options `+case=NAME` composes
+# from the folder refusal_cases() writes (hydra.searchpath), so one multirun or search meets each.
+REFUSALS = {
+    "schema": ("data:\n  batch_size: 0\n", "error: data.batch_size must be a positive integer, got 0"),
+    "cross": ("callbacks:\n  sample_grid:\n    sampling_steps: 100000\n",
+              "error: callbacks.sample_grid.sampling_steps must be at most schedule.timesteps"),
+    "memory": ("data:\n  batch_size: 50000\n", "error: data.batch_size=50000 needs at least"),
+    "unwritable": ("paths:\n  output_dir: /proc/ddpmlab-unwritable\n", "error: cannot write to /proc/ddpmlab-unwritable"),
+    "diverges": ("optim:\n  lr: 1.0e5\n", "error: the loss or its gradient became NaN/Inf at step"),
+    "ok": ("", ""),
+}
+
+
+def refusal_cases(folder: Path) -> str:
+    """Writes folder/case/<name>.yaml for each of REFUSALS; returns the hydra.searchpath override that finds them."""
+    (folder / "case").mkdir(parents=True)
+    for name, (body, _) in REFUSALS.items():
+        (folder / "case" / f"{name}.yaml").write_text(f"# @package _global_\n{body}")
+    return f"hydra.searchpath=[file://{folder}]"

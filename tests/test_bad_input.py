@@ -53,6 +53,8 @@ CASES = [
     ("checkpoint_of_another_model", "train", "ckpt_path={other}",
      "error: checkpoint {other} does not match the model (missing ema_model.conv_in.bias"),
     ("resume_last_without_runs", "train", "ckpt_path=last", "error: ckpt_path=last: no run of task 'smoke'"),
+    ("optimized_metric_never_logged", "train", "optimized_metric=train/vlb_bpd trainer.log_every_n_steps=10",
+     "error: optimized_metric=train/vlb_bpd is logged every trainer.log_every_n_steps=10 steps, and its 6 steps"),
     ("run_folder_already_used", "train", "hydra.run.dir={used}", "error: {used} already holds checkpoints"),
     ("resume_with_other_settings", "train", "ckpt_path={good} schedule=cosine diffusion.prediction=v",
      "error: resuming {good} would change what it was trained as: schedule._target_"),

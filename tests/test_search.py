@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from ddpmlab.plots import read_curves
 from ddpmlab.sweeps import write_summary
-from tests.conftest import ROOT
+from tests.conftest import REFUSALS, ROOT, refusal_cases
 
 SPACE = {"optim.lr", "optim.ema_decay", "schedule", "diffusion.prediction", "diffusion.loss_weighting"}
 
@@ -127,6 +127,67 @@ def test_a_killed_search_resumes_with_the_trials_it_lacks(tmp_path):
     assert f"run {study.best_trial.number}, val/bpd" in (sweep / "summary.md").read_text()
 
 
+# A grid over the refusal cases (tests.conftest.REFUSALS), with the project's sweeper and optuna's grid sampler.
+GRID_SEARCH = """# @package _global_
+defaults:
+  - override /hydra/sweeper: ddpmlab_optuna
+  - override /hydra/sweeper/sampler: grid
+hydra:
+  mode: MULTIRUN
+  sweeper:
+    storage: sqlite:///${hydra.sweep.dir}/optuna.db
+    study_name: refusals
+    direction: minimize
+    n_trials: 10
+    params:
+      +case: choice(%s)
+"""
+
+
+@pytest.mark.slow
+def test_a_search_goes_on_past_every_kind_of_refused_trial(tmp_path):
+    """Each refusal class before training, in a trial of an Optuna search: every trial runs (optuna's grid
+    sampler, so each case once, the refused last one included), a refused trial is a failed one with its reason,
+    the trial that trains gives the best value, and the search exits 4 naming the failed runs."""
+    cases = [name for name in REFUSALS if name != "diverges"]
+    searchpath = refusal_cases(tmp_path / "conf")
+    (tmp_path / "conf" / "hparams_search").mkdir()
+    (tmp_path / "conf" / "hparams_search" / "refusals.yaml").write_text(GRID_SEARCH % ",".join(cases))
+    argv = [sys.executable, str(ROOT / "train.py"), "hparams_search=refusals", searchpath, "experiment=smoke",
+            "trainer.max_steps=2", "val.num_images=8", "val.batch_size=8", "callbacks.sample_grid.num_samples=2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {len(cases) - 1} of {len(cases)} runs failed")
+    study = optuna.load_study(study_name="refusals", storage=f"sqlite:///{tmp_path}/sweep/optuna.db")
+    assert sorted(t.params["+case"] for t in study.trials) == sorted(cases)
+    with open(tmp_path / "sweep" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for trial, row in zip(study.trials, rows):
+        case = trial.params["+case"]
+        assert (row["+case"], row["status"]) == (case, "ok" if case == "ok" else "failed")
+        assert trial.state.name == ("COMPLETE" if case == "ok" else "FAIL")
+        assert row["reason"].startswith(REFUSALS[case][1]), (case, row["reason"])
+    assert f"run {study.best_trial.number}, val/bpd" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert "Traceback" not in done.stderr and "Got 'None'" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_ends_with_its_summary(tmp_path):
+    """A refused fixed param fails every trial: both trials still run, summary.md says why each failed, exit 4
+    (optuna's study.best_trial had ended it in a traceback)."""
+    done = search(tmp_path, "hydra.sweeper.n_trials=2", "data.batch_size=0")
+    assert done.returncode == 4, done.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: 2 of 2 runs failed, run 0 (exit 2), run 1 (exit 2): {sweep / 'summary.md'} says why")
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("error: data.batch_size must be a positive integer, got 0") == 2
+    assert "No trial gave a value of val/bpd" in summary and "Traceback" not in done.stderr
+    study = optuna.load_study(study_name="ddpm", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+
+
 def test_summary_of_a_search_gives_each_runs_objective_and_the_best_runs_command(tmp_path):
     """Run folders as a search leaves them, with its study: a failed trial has no objective and is never the best."""
     study = optuna.create_study(study_name="ddpm", storage=f"sqlite:///{tmp_path}/optuna.db")
@@ -199,3 +260,32 @@ def test_a_baseline_outside_the_searched_space_is_one_line_before_any_file(tmp_p
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("error: hydra.sweeper.baseline_first: optim.lr=0.0002 is outside the searched")
     assert "hydra.sweeper.baseline_first=false" in line and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_baseline_killed_before_it_completed_runs_again_on_resume(tmp_path):
+    """Killed (SIGKILL) while trial 0, the baseline, trains: the resumed search records trial 0 as failed and asks
+    the baseline again as trial 1, then one trial of the sampler's own; the baseline's row is not lost."""
+    sweep = tmp_path / "sweep"
+    argv = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna_default_run", "experiment=smoke",
+            "trainer.max_steps=2", "val.num_images=8", "val.batch_size=8", "callbacks.sample_grid.num_samples=2",
+            f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2"]
+    killed = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (sweep / "0" / ".hydra" / "overrides.yaml").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = default_run_search(tmp_path, "hydra.sweeper.n_trials=2")
+    assert resumed.returncode == 4, resumed.stderr[-3000:]  # run 0 was killed: the summary's usual account
+    study = optuna.load_study(study_name="ddpm", storage=f"sqlite:///{sweep}/optuna.db")
+    composed = compose_search("experiment=smoke")
+    baseline = {"optim.lr": composed.optim.lr, "optim.ema_decay": composed.optim.ema_decay,
+                "optim.warmup_steps": composed.optim.warmup_steps, "model.dropout": composed.model.dropout,
+                "schedule": "linear"}
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].params == baseline and study.trials[2].params != baseline
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["status"]) for r in rows] == [("0", "unknown"), ("1", "ok"), ("2", "ok")]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ddpmlab.plots import read_curves
 from ddpmlab.sweeps import record_status, summarise
-from tests.conftest import ROOT, wandb_record
+from tests.conftest import REFUSALS, ROOT, refusal_cases, wandb_record
 
 
 def compose_with_hydra(*overrides: str):
@@ -85,26 +85,36 @@ def test_summary_gives_each_runs_last_logged_values_and_its_outcome(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "local_parallel"])
-def test_a_run_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path, launcher):
-    """optim.lr=1e5 diverges (exit 3 alone); the next run still trains, the summary says which failed and why, and
-    the multirun exits 4. Every launcher runs a job through the same train.py task, so the same handling applies."""
+def test_runs_refused_or_failed_are_recorded_and_the_sweep_goes_on(tmp_path, launcher):
+    """One run per refusal class before training (schema value, rule between keys, memory check, unwritable
+    folder), one that diverges (exit 3 alone) and one that trains: every run runs, the summary says which failed
+    and why, and the multirun exits 4 with one line. Every launcher runs a job through the same train.py task."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "optim.lr=1e5,1e-3", "trainer.max_steps=4",
-         "callbacks.sample_grid.every_n_steps=0", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", f"+case={','.join(REFUSALS)}",
+         refusal_cases(tmp_path / "conf"), "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=0",
+         f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 4, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == f"error: 1 of 2 runs failed, run 0 (exit 3): {sweep / 'summary.md'} says why"
+    failed = ", ".join(f"run {n} (exit {3 if name == 'diverges' else 2})"
+                       for n, name in enumerate(REFUSALS) if name != "ok")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: 5 of 6 runs failed, {failed}: {sweep / 'summary.md'} says why")
     with open(sweep / "summary.csv", newline="") as f:
-        failed, finished = csv.DictReader(f)
-    assert (failed["status"], failed["exit"], failed["checkpoint"]) == ("failed", "3", "no")
-    assert failed["reason"].startswith("error: the loss or its gradient became NaN/Inf at step 3")
-    assert (finished["status"], finished["exit"], finished["reason"], finished["steps"]) == ("ok", "0", "", "4")
-    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
-    last_loss = read_curves(sweep / "1" / "csv" / "metrics.csv")["train/loss"][-1][1]
-    assert float(finished["train/loss (last)"]) == last_loss
-    assert "| 0 | 100000.0 | 2 |" in (sweep / "summary.md").read_text() and (sweep / "loss_curves.png").is_file()
+        rows = {row["+case"]: row for row in csv.DictReader(f)}
+    assert list(rows) == list(REFUSALS)
+    for name, (_, reason) in REFUSALS.items():
+        row = rows[name]
+        if name == "ok":
+            assert (row["status"], row["exit"], row["reason"], row["steps"], row["checkpoint"]) == ("ok", "0", "", "4", "yes")
+            continue
+        assert (row["status"], row["exit"], row["checkpoint"]) == ("failed", "3" if name == "diverges" else "2", "no")
+        assert row["reason"].startswith(reason), (name, row["reason"])
+    last_loss = read_curves(sweep / "5" / "csv" / "metrics.csv")["train/loss"][-1][1]
+    assert float(rows["ok"]["train/loss (last)"]) == last_loss
+    assert "| 4 | diverges | 2 |" in (sweep / "summary.md").read_text() and (sweep / "loss_curves.png").is_file()
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

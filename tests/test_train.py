@@ -13,7 +13,8 @@ from omegaconf import open_dict
 from PIL import Image
 
 from ddpmlab.checkpoints import load_checkpoint
-from ddpmlab.training import build, build_module, train
+from ddpmlab.errors import ConfigError
+from ddpmlab.training import build, build_module, check_optimized_metric, train
 from tests.conftest import ROOT, compose_config
 from tests.test_data import write_cifar10
 
@@ -163,3 +164,17 @@ def test_ddp_records_the_config_once_and_splits_the_grid_into_the_one_process_gr
     for one, ddp in [("final.png", "final.png"), ("strip.png", "denoising_final.png")]:
         with Image.open(tmp_path / one) as expected, Image.open(run / "samples" / ddp) as written:
             assert expected.size == written.size and expected.tobytes() == written.tobytes(), ddp
+
+
+def test_a_metric_of_logging_steps_only_is_refused_when_the_steps_left_hold_none():
+    """train/vlb_bpd is logged when step s + 1 is a multiple of log_every_n_steps: from 0 to max_steps=6 with
+    every 10 there is none, nor from a resume at step 20 to 29; train/loss and val/bpd are logged regardless."""
+    cfg = compose_config("experiment=smoke", "optimized_metric=train/vlb_bpd", "trainer.log_every_n_steps=10")
+    with pytest.raises(ConfigError, match=r"its 6 steps hold no logging step: set trainer.log_every_n_steps=6 or less"):
+        check_optimized_metric(cfg)
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 29
+    check_optimized_metric(cfg)  # step 10 logs
+    with pytest.raises(ConfigError, match=r"steps 21 to 29 hold no logging step: set trainer.log_every_n_steps=9"):
+        check_optimized_metric(cfg, start_step=20)
+    check_optimized_metric(compose_config("experiment=smoke", "trainer.log_every_n_steps=10"), start_step=20)  # val/bpd

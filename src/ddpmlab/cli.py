@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import traceback
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -58,15 +58,15 @@ class RunGuard(Callback):
                                 f"{sweep_dir / 'summary.md'} says why")
 
 
-@contextmanager
-def reported_errors(cfg, check=None):
-    """Around an entry point's work: `check(cfg)` (ddpmlab.schema's rules) and that cfg.paths.output_dir is
-    writable, then turn errors into their line and exit code (table above).
+def guarded(cfg, check, work):
+    """An entry point's task: `check(cfg)` (ddpmlab.schema's rules) and that cfg.paths.output_dir is writable,
+    then `work(cfg)`; returns what work returned. Every error, the check's included, becomes its line and exit
+    code (table above).
 
     A run alone that fails on bad input removes its run folder only when this process made it and, at that
     moment, it holds nothing but the files Hydra wrote. In a multirun every outcome is recorded in the run's
-    folder (ddpmlab.sweeps.record_status) and a failure's exception is swallowed so that the next run starts:
-    keep the work and its return inside the `with`.
+    folder (ddpmlab.sweeps.record_status) and a failure returns None, so that the sweep goes on with the next run
+    (a sweeper told None records a failed trial).
     """
     global _task_started
     _task_started = True
@@ -81,25 +81,26 @@ def reported_errors(cfg, check=None):
         if check is not None:
             check(cfg)  # before anything is written: paths.output_dir itself may be the bad value
         _check_writable(Path(cfg.paths.output_dir))
-        yield
+        result = work(cfg)
     except Exception as err:
         code, line = _outcome(err, cfg)
         line += "".join(f"; {note}" for note in getattr(err, "__notes__", ()))  # e.g. the checkpoint saved
-        if multirun:
+        if not multirun:
             if code == 1:
-                traceback.print_exc()  # a bug: its traceback belongs in the run's log
-            record_status(run_dir, code, line)
-            print(line, file=sys.stderr)
-            if isinstance(err, Preempted):
-                sys.exit(code)
-            return
+                raise
+            if code == 2:
+                _remove_failed_start(hydra, run_dir)
+            _exit(line, code)
         if code == 1:
-            raise
-        if code == 2:
-            _remove_failed_start(hydra, run_dir)
-        _exit(line, code)
+            traceback.print_exc()  # a bug: its traceback belongs in the run's log
+        record_status(run_dir, code, line)
+        print(line, file=sys.stderr)
+        if isinstance(err, Preempted):
+            sys.exit(code)
+        return None
     if multirun:
         record_status(run_dir, 0, "")
+    return result
 
 
 def run(hydra_main) -> None:

@@ -17,6 +17,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 # What every training run logs: the names optimized_metric may give, with val/bpd (ddpmlab.callbacks).
 METRICS = ("train/loss", "train/mse", "train/vlb_bpd", "train/grad_norm", "train/images_per_s",
            *(f"train/loss_q{q}" for q in range(4)))
+EVERY_STEP = ("train/loss",)  # logged on every step; the others on logging steps only (logs_this_step)
 # fp16's smallest normal number: below it most scaled gradients underflow to 0, and only ~30 overflows in a row
 # from GradScaler's initial 2**16 get the scale there; no probe for a larger scale does.
 MIN_LOSS_SCALE = torch.finfo(torch.float16).tiny

@@ -41,7 +41,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path, tit
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("train/loss")
-    if len(curves) > 1:
+    if sum(1 for points in curves.values() if points) > 1:
         ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

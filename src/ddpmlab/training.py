@@ -15,7 +15,7 @@ from ddpmlab.callbacks import ValidationBound
 from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoint
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
-from ddpmlab.module import METRICS, DiffusionModule
+from ddpmlab.module import EVERY_STEP, METRICS, DiffusionModule
 from ddpmlab.performance import optimize_network, performance_settings
 from ddpmlab.resume import ApplyOptimChanges, check_resume, init_weights
 
@@ -127,13 +127,25 @@ def _check_output_dir(output_dir: Path) -> None:
         )
 
 
-def check_optimized_metric(cfg: DictConfig) -> None:
-    """optimized_metric must name a metric the run will log: refused before training, not after."""
+def check_optimized_metric(cfg: DictConfig, start_step: int = 0) -> None:
+    """optimized_metric must name a metric the run will log: refused before training, not after.
+
+    Every metric but train/loss and val/bpd is logged on logging steps only (DiffusionModule.logs_this_step:
+    optimizer step s + 1 a multiple of trainer.log_every_n_steps), so a run from `start_step` to max_steps that
+    holds no such step would train to the end and then have no value to return.
+    """
     name, known = cfg.optimized_metric, (*METRICS, *([ValidationBound.name] if cfg.val.num_images else []))
     if name is not None and name not in known:
         hint = " (val.num_images=0 turns val/bpd off)" if name == ValidationBound.name else ""
         raise ConfigError(f"optimized_metric={name!r} is no metric this run logs{hint}: choose one of "
                           f"{', '.join(known)}, or null")
+    every, last = cfg.trainer.log_every_n_steps, cfg.trainer.max_steps
+    if name in (None, *EVERY_STEP, ValidationBound.name) or last == -1 or last // every > start_step // every:
+        return
+    steps = f"steps {start_step + 1} to {last}" if start_step else f"its {last} steps"
+    raise ConfigError(f"optimized_metric={name} is logged every trainer.log_every_n_steps={every} steps, and "
+                      f"{steps} hold no logging step: set trainer.log_every_n_steps={last - start_step} or less, "
+                      "or optimized_metric=train/loss or val/bpd")
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
@@ -183,6 +195,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     elif checkpoint:
         changed, notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
         check_matches(module, checkpoint, cfg.ckpt_path)
+        check_optimized_metric(cfg, int(checkpoint.get("global_step", 0)))
     else:
         check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
     if cfg.init_from is not None:

@@ -15,7 +15,9 @@ composed configuration itself, each searched key at its composed value, so the t
 Hydra instantiates sweepers only from the hydra_plugins namespace, hence this package's place.
 """
 
+import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        logging.getLogger("hydra_plugins.hydra_optuna_sweeper._impl").addFilter(_say_failed_run)
         search = self.sweeper
         baseline = composed_values(search, config) if self.baseline_first else None  # checked before any file
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
@@ -59,18 +62,75 @@ class ResumableOptunaSweeper(OptunaSweeper):
             if baseline is not None:
                 study = optuna.create_study(study_name=search.study_name, storage=search.storage,
                                             directions=search._get_directions())
-                with warnings.catch_warnings():  # optuna 2.10 calls enqueue_trial experimental, on the user's terminal
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.enqueue_trial(baseline)
+                _enqueue(study, baseline)
             return
         trials = study.get_trials(deepcopy=False)
-        killed = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        state = optuna.trial.TrialState
+        killed = [t.number for t in trials if t.state == state.RUNNING]
         for number in killed:
-            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            study.tell(number, state=state.FAIL)
         search.n_trials = max(search.n_trials - (len(trials) - len(killed)), 0)
         search.job_idx = len(trials)
         if hasattr(search.sampler, "reseed_rng"):  # a fixed seed would replay the first start's random trials
             search.sampler.reseed_rng()
+        # A baseline that never completed (its start was killed, or it failed) is asked again, as the next trial
+        if baseline is not None and search.n_trials and not any(
+                t.system_attrs.get("fixed_params") == baseline and t.number not in killed
+                and t.state in (state.COMPLETE, state.WAITING) for t in trials):
+            _enqueue(study, baseline)
+
+    def sweep(self, arguments: list[str]) -> None:
+        """The stock sweep, but a search in which no trial gave a value ends with its summary (each failed run's
+        reason, exit 4) instead of optuna's "Record does not exist." from study.best_trial."""
+        try:
+            with _grid_end_tolerated():
+                self.sweeper.sweep(arguments)
+        except ValueError:
+            search = self.sweeper
+            if search.storage is None or search.study_name is None:
+                raise
+            import optuna
+
+            study = optuna.load_study(study_name=search.study_name, storage=search.storage)
+            if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+                raise
+
+
+@contextmanager
+def _grid_end_tolerated():
+    """optuna's GridSampler calls study.stop() on the trial that completes the grid, which outside study.optimize
+    raises; hydra-optuna-sweeper tolerates that only for a trial that gave a value, so a grid search whose last
+    trial failed ended in a traceback. The sweeper runs no more trials than the grid has: outside optimize the
+    stop is dropped."""
+    from optuna.study import Study
+
+    stop = Study.stop
+
+    def stop_inside_optimize(study) -> None:
+        if study._optimize_lock.locked():
+            stop(study)
+
+    Study.stop = stop_inside_optimize
+    try:
+        yield
+    finally:
+        Study.stop = stop
+
+
+def _say_failed_run(record: logging.LogRecord) -> bool:
+    """The stock sweeper's warning for a trial whose run failed (train.py returned None) says what happened."""
+    if "Got 'None'" in str(record.msg):
+        record.msg, record.args = "Failed experiment: the run failed; its status.json (and summary.md) say why", ()
+    return True
+
+
+def _enqueue(study, params: dict) -> None:
+    """study.enqueue_trial(params), without the ExperimentalWarning optuna 2.10 prints on the user's terminal."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.enqueue_trial(params)
 
 
 def composed_values(search, config) -> dict:
