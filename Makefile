@@ -41,7 +41,7 @@ test: setup data
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 # The newest `make train` run (ckpt=last: runs/train/*) on a CPU budget: the NLL estimate on 1000 test images,
-# FID/KID (IS where the Inception weights have logits) of 500 DPM-Solver++ samples against the first 2000
+# FID/KID (IS where the Inception weights have logits) of 500 DPM-Solver++ samples against 2000
 # training images (eval.yaml's CPU cap; their features are cached for the next time). It says its plan and
 # time estimate first. Extra overrides: make eval ARGS="ckpt=runs/train/<run>/checkpoints/last.ckpt"
 EVAL_ARGS := ckpt=last num_samples=500 sampler=dpm_solver sampling_steps=20 nll_estimate.num_images=1000

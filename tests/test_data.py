@@ -334,3 +334,34 @@ def test_evaluate_without_a_held_out_split_says_the_nll_is_on_training_images(im
     assert row["split"] == "train images (no held-out split)" and row["test_images"] == 12
     assert "split=train images (no held-out split)" in result.stdout
     assert "warning: the NLL above is on training images" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_without_a_held_out_split_says_val_bpd_is_on_training_images(image_folder_run, tmp_path):
+    """As evaluate.py labels its NLL: each run's log and val/bpd line say it, and so does the sweep's summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "data=image_folder",
+                             f"data.root={image_folder_run['images']}", "data.channels=1", "data.image_size=28",
+                             "optim.lr=1e-3,2e-3", "trainer.max_steps=2", "callbacks.sample_grid=null",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("split: train images (no held-out split)") == 2
+    assert (result.stdout + result.stderr).count("val/bpd is measured on training images: data.root=") == 2
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "val/bpd of runs 0, 1 is measured on training images (the data has no held-out split)" in summary
+
+
+def test_a_part_of_a_split_is_a_fixed_random_subset_that_spans_a_class_sorted_split():
+    """evaluation_subset: 100 of 1000 images stored as 10 classes in order (an image folder's <class>/ order)
+    hold every class, not the first one alone; the same every time; a smaller part is a prefix of a larger; the
+    whole split (or null) is the split itself."""
+    from ddpmlab.data import evaluation_subset
+
+    images = torch.arange(1000).repeat_interleave(3 * 2 * 2).reshape(1000, 3, 2, 2)  # image i holds the value i
+    part = evaluation_subset(images, 100)
+    assert part.shape == (100, 3, 2, 2) and len(set(part[:, 0, 0, 0].tolist())) == 100
+    assert set((part[:, 0, 0, 0] // 100).tolist()) == set(range(10))  # class = i // 100
+    assert torch.equal(part, evaluation_subset(images, 100))
+    assert torch.equal(evaluation_subset(images, 30), part[:30])
+    assert evaluation_subset(images, 1000) is images and evaluation_subset(images, None) is images

@@ -39,7 +39,8 @@ def test_plan_and_estimate_come_before_sampling_and_every_phase_is_in_the_log(tr
 
     plan = first("evaluation plan:")
     assert "samples: 6 x ddim, 2 steps (12 network calls)" in log[first("  samples:")]
-    assert "the first 50 of 200 training images, capped on a CPU by cpu_reference_images=50" in log[first("reference:")]
+    assert "50 of 200 training images at random (seed 0), capped on a CPU by cpu_reference_images=50" in log[
+        first("reference:")]
     estimate = log[first("estimate (")]
     assert "ms per image per network call" in estimate and "features (reference) ~" in estimate
     # The plan and estimate come before any phase's work; each phase's progress reaches the log file.

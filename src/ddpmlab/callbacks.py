@@ -1,6 +1,7 @@
 """Callbacks: sample grids from the EMA weights, plots of the run, and last.ckpt where training stops."""
 
 import os
+import shlex
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ import lightning as L
 import torch
 import torchvision
 
-from ddpmlab.data import to_model_range
+from ddpmlab.data import evaluation_subset, to_model_range
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
@@ -111,20 +112,22 @@ class ValidationBound(L.Callback):
     processes agree. Logged at the end of training and, with `every_n_steps`, every that many steps.
 
     Args:
-        images: the test split, uint8 (N, C, H, W), of which the first `num_images` are used (all, if fewer).
+        images: the test split, uint8 (N, C, H, W), of which `num_images` are used (all, if fewer), as
+            evaluate.py's NLL takes them (data.evaluation_subset).
+        split: what the images are (DiffusionDataModule.test_split), in the printed line.
         num_images, timesteps, every_n_steps, batch_size, seed: see `val` in conf/config.yaml.
     """
 
     name = "val/bpd"
 
     def __init__(self, images: torch.Tensor, num_images: int = 256, timesteps: int = 10,
-                 every_n_steps: int | None = None, batch_size: int = 64, seed: int = 1):
+                 every_n_steps: int | None = None, batch_size: int = 64, seed: int = 1, split: str = "test"):
         for key, value in (("num_images", num_images), ("timesteps", timesteps), ("batch_size", batch_size),
                            ("every_n_steps", every_n_steps or 1)):
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"val.{key} must be a whole number >= 1, got {value!r}")
-        self.images, self.timesteps, self.every_n_steps = images[:num_images], timesteps, every_n_steps
-        self.seed, self.batch_size = seed, batch_size
+        self.images, self.timesteps, self.every_n_steps = evaluation_subset(images, num_images), timesteps, every_n_steps
+        self.seed, self.batch_size, self.split = seed, batch_size, split
 
     @torch.no_grad()
     def bpd(self, pl_module, rank: int = 0, world_size: int = 1, all_gather=None) -> float:
@@ -150,8 +153,8 @@ class ValidationBound(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({self.name: value}, step=trainer.global_step)
         if trainer.is_global_zero:
-            print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} test "
-                  f"images, K={self.timesteps})")
+            print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} images, "
+                  f"split: {self.split}, K={self.timesteps})")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -183,7 +186,6 @@ class LastCheckpoint(L.Callback):
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
     REQUEUE = signal.SIGUSR2  # submitit's time-limit signal, its handler kept to requeue once last.ckpt is saved
-    RESUME = "continue this run with: python train.py ckpt_path=last (same overrides)"
 
     def __init__(self, dirpath: str, check_every_n_steps: int = 10):
         if not (isinstance(check_every_n_steps, int) and check_every_n_steps >= 1):
@@ -223,7 +225,7 @@ class LastCheckpoint(L.Callback):
             while True:
                 time.sleep(60)
         raise Preempted(signum, f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; "
-                                f"{self.RESUME}")
+                                f"{resume_hint(path)}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
@@ -246,7 +248,7 @@ class LastCheckpoint(L.Callback):
             except Exception as err:  # noqa: BLE001 - the first error is the one to report; this one joins it
                 why = f"the write failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
         if why is None:
-            exception.add_note(f"saved {path} at step {trainer.global_step}; {self.RESUME}")
+            exception.add_note(f"saved {path} at step {trainer.global_step}; {resume_hint(path)}")
         else:
             kept = f"; the last checkpoint is {path}" if path.exists() else ""
             exception.add_note(f"no checkpoint saved at step {trainer.global_step} ({why}){kept}")
@@ -266,6 +268,21 @@ class LastCheckpoint(L.Callback):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+def resume_hint(last: Path) -> str:
+    """The command that continues this run in its own folder from `last`: its overrides (a multirun's: this job's
+    own), the checkpoint by its path, and the run folder; ckpt_path=last would take the newest run, maybe another."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:  # no Hydra app: train() called directly
+        task = None
+    kept = [o for o in task or [] if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")]
+    command = ["python", "train.py", *kept, f"ckpt_path={last}", f"hydra.run.dir={last.parent.parent}"]
+    return (f"continue this run with: {shlex.join(command)}"
+            + (" (and the overrides it ran with)" if task is None else ""))
 
 
 class RunPlots(L.Callback):

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpmlab.errors import ConfigError
-from ddpmlab.shards import ShardImages, read_shards, split_folder, train_loader
+from ddpmlab.shards import ShardImages, read_shards, split_folder
 
 # Where Debian's `dataset-fashion-mnist` package puts the gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -87,12 +87,14 @@ class _CIFAR10Unverified(torchvision.datasets.CIFAR10):
         return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
 
 
-def read_cifar10(root: Path, train: bool, download: bool = False, verify_checksums: bool = True, **_) -> Tensor:
-    """CIFAR-10 through torchvision's reader of the python pickles in root/cifar-10-batches-py."""
+def read_cifar10(root: Path, train: bool, download: bool = False, verify_checksums: bool = True,
+                 unverified: str = "data.verify_checksums=false", **_) -> Tensor:
+    """CIFAR-10 through torchvision's reader of the python pickles in root/cifar-10-batches-py; `unverified`: the
+    switch that skips the MD5 check, as the caller (training, prepare) spells it."""
     _require_root(root, "CIFAR-10")
     cls = torchvision.datasets.CIFAR10 if verify_checksums else _CIFAR10Unverified
     hint = (f"put the python pickles (data_batch_1..5, test_batch, batches.meta) in {root}/cifar-10-batches-py, "
-            "set data.download=true when online, or data.verify_checksums=false for a re-packed copy")
+            f"set data.download=true when online, or {unverified} for a re-packed copy")
     ds = _torchvision(cls, "CIFAR-10", root, train, download, hint)
     return torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
 
@@ -217,6 +219,22 @@ READERS = {
 }
 
 
+def evaluation_subset(images, n: int | None):
+    """The images of a split that a measurement on n of them uses (val/bpd, the NLL, the FID reference): all of
+    them when n is None or covers the split, else the first n of a fixed random permutation of it (seed 0).
+
+    Not the first n in storage order: an image folder's and its shards' order is the sorted paths', so a split
+    kept as <class>/ folders would be measured on its first classes alone. A smaller n is a prefix of a larger
+    one, and a tensor's images and the same images as shards give the same subset. A tensor gives a copy of the
+    n images, ShardImages a view that reads them on access.
+    """
+    total = len(images)
+    if n is None or n >= total:
+        return images
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
+    return images.index_select(0, order)
+
+
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 pixels {0..255} -> float32 in [-1, 1], the range the diffusion models (Ho et al. section 3.3)."""
     return images.float() / 127.5 - 1.0
@@ -272,6 +290,20 @@ class StepBatchSampler(Sampler[list[int]]):
             self.next_batch += 1
             batch = order[k * self.global_batch:(k + 1) * self.global_batch]
             yield batch[self.rank::self.world_size].tolist()
+
+
+def test_split_label(dataset: str, root, test_fraction: float = 0.0, split_seed: int = 0, path: str | None = None) -> str:
+    """What the test split of data.* is, for the labels of numbers measured on it (val/bpd, the NLL): NO_HELD_OUT
+    where the data has none and the "test" images are the training images."""
+    if dataset == "shards":
+        return "test" if split_folder(Path(path).expanduser(), train=False).name == "test" else NO_HELD_OUT
+    if dataset != "image_folder":
+        return "test"
+    if (Path(root).expanduser() / "test").is_dir():
+        return "test (the images under data.root/test)"
+    if test_fraction:
+        return f"held-out {test_fraction * 100:g}% (data.split_seed={split_seed})"
+    return NO_HELD_OUT
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -348,17 +380,14 @@ class DiffusionDataModule(L.LightningDataModule):
         return images
 
     @property
+    def source(self) -> str:
+        """Where the images are read from, for messages: data.path=... (shards) or data.root=..."""
+        return f"data.path={self.path}" if self.dataset == "shards" else f"data.root={self.root}"
+
+    @property
     def test_split(self) -> str:
         """What test_images are, for the labels of the numbers measured on them."""
-        if self.dataset == "shards":
-            return "test" if split_folder(Path(self.path).expanduser(), train=False).name == "test" else NO_HELD_OUT
-        if self.dataset != "image_folder":
-            return "test"
-        if (self.root / "test").is_dir():
-            return "test (the images under data.root/test)"
-        if self.test_fraction:
-            return f"held-out {self.test_fraction * 100:g}% (data.split_seed={self.split_seed})"
-        return NO_HELD_OUT
+        return test_split_label(self.dataset, self.root, self.test_fraction, self.split_seed, self.path)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_images is None:
@@ -367,12 +396,12 @@ class DiffusionDataModule(L.LightningDataModule):
             self.test_images = self.read(train=False)
 
     def train_dataloader(self) -> DataLoader:
+        """Batches in StepBatchSampler's order, from memory or from the shards alike: the order is a function of
+        (data.seed, batch number) only, so the same for any worker count, exact on resume, disjoint across ranks,
+        and drawn from the whole split (a shard's images reach the batches as mixed as a tensor's)."""
         trainer = self.trainer
         # A resumed fit asks for its loader after the checkpoint is restored: start at the next batch.
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
-        if isinstance(self.train_images, ShardImages):  # streamed from disk, positioned at each iter() likewise
-            taken = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else None
-            return train_loader(self.train_images, self.batch_size, self.num_workers, self.seed, taken)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batches = StepBatchSampler(len(self.train_images), self.batch_size, self.seed, start, rank, world)
         # Its own generator: creating an iterator must not draw from the global RNG (resumes stay exact).

@@ -16,7 +16,7 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.checkpoints import check_matches, load_checkpoint
-from ddpmlab.data import NO_HELD_OUT, to_model_range, to_uint8
+from ddpmlab.data import NO_HELD_OUT, evaluation_subset, to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.samplers import check_steps
 from ddpmlab.diffusion.noise import ExampleNoise
@@ -79,8 +79,10 @@ def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(
 
 
 def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
-    """The full bound on cfg.nll.num_images test images: total, L_T, L_0, and the per-t terms, in bits/dim."""
-    n = min(cfg.nll.num_images or len(test_images), len(test_images))
+    """The full bound on cfg.nll.num_images test images (data.evaluation_subset): total, L_T, L_0, and the per-t
+    terms, in bits/dim."""
+    test_images = evaluation_subset(test_images, cfg.nll.num_images)
+    n = len(test_images)
 
     def bound(idx):  # -> (B, 1 + T): L_T, then terms[:, 0] = L_0, terms[:, t] = L_t
         x_0 = to_model_range(test_images[idx].to(fabric.device))
@@ -99,9 +101,11 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=N
 
 
 def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
-    """The bound on cfg.nll_estimate.num_images test images, with its stderr, from K = nll_estimate.timesteps
-    timesteps per image (estimate_bpd: L_T and L_0 exact, the KL terms from K strata; K + 1 network calls)."""
-    n = min(cfg.nll_estimate.num_images or len(test_images), len(test_images))
+    """The bound on cfg.nll_estimate.num_images test images (data.evaluation_subset), with its stderr, from
+    K = nll_estimate.timesteps timesteps per image (estimate_bpd: L_T and L_0 exact, the KL terms from K strata;
+    K + 1 network calls)."""
+    test_images = evaluation_subset(test_images, cfg.nll_estimate.num_images)
+    n = len(test_images)
 
     def estimate(idx):
         x_0 = to_model_range(test_images[idx].to(fabric.device))
@@ -167,7 +171,8 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
 
 def reference_count(cfg, available: int, device: torch.device) -> tuple[int, str]:
     """How many training images FID/KID compare with, and why: `reference_images` auto caps a CPU's reference
-    pass at cpu_reference_images (the whole 60k split is hours of Inception on a CPU), null takes all, N the first N."""
+    pass at cpu_reference_images (the whole 60k split is hours of Inception on a CPU), null takes all, N takes N
+    (data.evaluation_subset: a fixed random subset, not the first N in storage order)."""
     setting = cfg.reference_images
     if setting == "auto" and device.type != "cuda":
         n = min(cfg.cpu_reference_images, available)
@@ -192,11 +197,12 @@ def fidelity_for(cfg, train_cfg, data, device: torch.device):
     else:
         weights = resolve_inception_weights(cfg.inception_weights, root / "fidelity")
     fidelity = FidelityMetrics(list(cfg.metrics), cfg.feature_extractor, weights,
-                               data.train_images.narrow(0, 0, n),  # a view: shards are read image by image
+                               evaluation_subset(data.train_images, n),  # shards: a view, read image by image
                                f"{train_cfg.data.dataset}-train", root / "fidelity" / "cache", device,
                                kid_subset_size=cfg.kid_subset_size)
     total = len(data.train_images)
-    return fidelity, f"all {total} training images" if n == total else f"the first {n} of {total} training images, {why}"
+    return fidelity, (f"all {total} training images" if n == total
+                      else f"{n} of {total} training images at random (seed 0), {why}")
 
 
 def evaluate(cfg: DictConfig) -> dict:

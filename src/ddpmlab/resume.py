@@ -84,13 +84,28 @@ def check_resume(stored: dict | None, config: dict, cfg: DictConfig, path) -> tu
             f"or start a new run from its weights with init_from={path}")
     let_through = [key for key in changed if _defining(key)]
     notes = [f"resuming {path} with {shown[key]} (resume.allow_changes)" for key in let_through]
-    # litdata deals the shards' chunks out to its workers, so there the order is a function of num_workers too.
-    streamed = (config.get("data") or {}).get("dataset") == "shards"
-    inexact = [shown[key] for key in changed if _under(key, INEXACT + (("data.num_workers",) if streamed else ()))]
+    inexact = [shown[key] for key in changed if _under(key, INEXACT)]
     if inexact:
         notes.append(f"resuming {path} with {', '.join(inexact)}: the batches from here on are not those of the "
                      "uninterrupted run, so exact resume no longer holds")
     return let_through, notes
+
+
+# Module state that an allowed change of its config starts afresh instead of loading (the importance sampler's
+# loss history belongs to the sampler that gathered it, and uniform sampling keeps none).
+RESTARTED = ("timestep_sampler",)
+
+
+def restarted_state(changed: list[str]) -> list[str]:
+    """The RESTARTED parts whose config a resume changes (resume.allow_changes let it through)."""
+    return [part for part in RESTARTED if any(_under(key, [part]) for key in changed)]
+
+
+def with_fresh_state(state_dict: dict, module: nn.Module, parts: list[str]) -> dict:
+    """`state_dict` (a checkpoint's) with each of `parts` replaced by the module's own, freshly built state."""
+    kept = {k: v for k, v in state_dict.items() if not _under(k, parts)}
+    fresh = {f"{part}.{k}": v for part in parts for k, v in getattr(module, part).state_dict().items()}
+    return {**kept, **fresh}
 
 
 class ApplyOptimChanges(L.Callback):
