@@ -16,6 +16,11 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: 2 workers on the CI mach
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 
+# torch's collective timeout (torch.distributed.constants.default_pg_timeout, Lightning's too): a DDP rank left
+# waiting in a collective for one that died would hang this long. Tests that a job ends bound it at a third of
+# this, not at a wall-clock figure this machine's load can exceed (90 s failed at 98 and 106 s under load).
+COLLECTIVE_TIMEOUT_S = 1800
+
 
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     """conf/config.yaml with `overrides`, as `python train.py overrides...` would see it."""

@@ -47,6 +47,10 @@ CASES = [
      "error: data.root={empty} holds no images"),
     ("corrupt_image", "train", "data=image_folder data.channels=1 data.image_size=28 data.root={images}",
      "error: cannot read image {images}/truncated.jpg"),
+    ("image_folder_batch_larger_than_its_images", "train",
+     "data=image_folder data.channels=1 data.image_size=28 data.root={few} data.test_fraction=0.25",
+     "error: data.batch_size must be at most the 3 training images of image_folder data.root={few} (after "
+     "data.test_fraction=0.25), got 8: set data.batch_size=3 or less"),
     ("missing_checkpoint", "train", "ckpt_path=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
     ("corrupt_checkpoint", "train", "ckpt_path={corrupt}", "error: checkpoint {corrupt} cannot be loaded safely"),
     ("malicious_checkpoint", "train", "ckpt_path={malicious}", "error: checkpoint {malicious} cannot be loaded safely"),
@@ -61,6 +65,8 @@ CASES = [
     ("unwritable_output_folder", "train", "paths.output_dir={file}/run", "error: cannot write to {file}/run (Not a directory)"),
     ("evaluate_unwritable_output_folder", "evaluate", "ckpt={good} metrics=[fid] paths.output_dir={file}/eval",
      "error: cannot write to {file}/eval (Not a directory)"),
+    ("evaluate_checkpoint_is_a_folder", "evaluate", "ckpt={run}",
+     "error: checkpoint {run} is a folder, not a checkpoint file (the .ckpt files in it: checkpoints/"),
     ("evaluate_missing_checkpoint", "evaluate", "ckpt=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
     ("evaluate_unknown_metric", "evaluate", "ckpt={good} metrics=[fid,bogus]",
      "error: metrics must be a list of one or more values, each one of nll, nll_estimate, fid, is, kid, "
@@ -84,13 +90,17 @@ def catalogue(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     files = {"file": root / "a_file.txt", "empty": root / "empty", "images": root / "images",
              "corrupt": root / "corrupt.ckpt", "malicious": root / "malicious.ckpt", "other": root / "other.ckpt",
-             "used": root / "used_run", "good": root / "good" / "checkpoints" / "last.ckpt"}
+             "used": root / "used_run", "good": root / "good" / "checkpoints" / "last.ckpt", "run": root / "good",
+             "few": root / "few"}
     files["file"].write_text("not a folder")
     files["empty"].mkdir()
     files["images"].mkdir()
     from PIL import Image
 
     Image.new("L", (28, 28)).save(files["images"] / "ok.png")
+    files["few"].mkdir()
+    for i in range(4):  # 3 training images once data.test_fraction=0.25 holds one out
+        Image.new("L", (28, 28), 60 * i).save(files["few"] / f"{i}.png")
     (files["images"] / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     files["corrupt"].write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(4096)))
 

@@ -54,7 +54,8 @@ def test_out_of_host_memory_mid_training_saves_the_step_and_names_it_in_one_line
     assert "Traceback" not in result.stderr
     line = last_line(result)
     assert line.startswith("error: out of host memory (RuntimeError, ") and "lower data.batch_size" in line, line
-    assert f"saved {ckpt} at step 3; continue this run with: python train.py ckpt_path=last" in line
+    assert f"saved {ckpt} at step 3; continue this run with: python train.py experiment=smoke " in line
+    assert line.endswith(f" callbacks.sample_grid.num_samples=100000 ckpt_path={ckpt} hydra.run.dir={run}")
 
     resumed = train(tmp_path, "ckpt_path=last")  # the saved state is a consistent one: the run continues from it
     assert resumed.returncode == 0, resumed.stderr[-3000:]

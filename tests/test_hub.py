@@ -121,6 +121,9 @@ def test_the_cifar10_release_gives_diffusers_outputs(tmp_path):
         "ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16], "norm_eps": 1e-6,
         "downsample_padding": "same", "num_heads": 1}
     assert config["data"]["dataset"] == "cifar10" and config["diffusion"]["variance"] == "fixed_large"
+    # diffusers' config says dropout 0.0 (its default); the paper trained this network with 0.1, as the port gets
+    assert config["model"]["dropout"] == 0.1
+    assert "model.dropout=0.1 " in out and "(model.dropout=0.1: what Ho et al. trained this network with" in out
     assert config["schedule"] == {"_target_": "ddpmlab.diffusion.schedules.linear_betas", "timesteps": 1000,
                                   "beta_start": 0.0001, "beta_end": 0.02}
     assert all(torch.equal(state[k], state[f"ema_{k}"]) for k in state if k.startswith("model."))
@@ -132,6 +135,7 @@ def test_the_256x256_release_gives_diffusers_outputs(tmp_path):
     folder = write_folder(tmp_path / "ddpm-celebahq-256", CELEBAHQ, {**PAPER_SCHEDULER, "variance_type": "fixed_small"})
     config = import_checkpoint(str(folder), tmp_path / "celebahq.ckpt")
     assert config["model"]["attn_resolutions"] == [16] and config["model"]["ch_mult"] == [1, 1, 2, 2, 4, 4]
+    assert config["model"]["dropout"] == 0.0  # the paper's for 256x256
     assert config["data"]["dataset"] == "image_folder" and config["diffusion"]["variance"] == "fixed_small"
     assert largest_difference(tmp_path / "celebahq.ckpt", folder, 1, [321]) < 1e-5
 
@@ -215,6 +219,8 @@ def test_an_exported_run_samples_our_images_in_diffusers_pipeline(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     out, err, code = hub("export", ckpt, "--out", tmp_path / "pipeline")
     assert code == 0, err
+    call = f"DDPMPipeline.from_pretrained({str(tmp_path / 'pipeline')!r})(batch_size=16, num_inference_steps=50)"
+    assert call in out  # the smoke run's T: the call that samples as ours
     assert sorted(p.name for p in (tmp_path / "pipeline").iterdir()) == ["model_index.json", "scheduler", "unet"]
     pipeline = DDPMPipeline.from_pretrained(tmp_path / "pipeline")
     pipeline.set_progress_bar_config(disable=True)

@@ -4,6 +4,7 @@ import copy
 import hashlib
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from omegaconf import open_dict
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import NonFiniteLoss
 from ddpmlab.training import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import COLLECTIVE_TIMEOUT_S, ROOT, compose_config
 
 DATA = ROOT / "data"
 
@@ -222,11 +223,12 @@ def test_16_mixed_still_stops_on_a_nan_loss_or_a_collapsed_loss_scale(tmp_path, 
 
 # ---- real processes: SIGKILL, SIGTERM, SIGINT ---------------------------------------------------------------
 
-def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+def _start(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.Popen:
     """train.py as a process with its own runs/ under tmp_path; its output (progress bar, errors) goes to tmp_path/stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DDPMLAB_ROOT": str(tmp_path)}
     with open(tmp_path / "stderr", "w") as err:
-        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"paths.data_dir={DATA}",
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []),
+                                 "experiment=smoke", f"paths.data_dir={DATA}",
                                  "callbacks.sample_grid.every_n_steps=0", *overrides],
                                 cwd=tmp_path, env=env, stdout=err, stderr=subprocess.STDOUT)
 
@@ -297,15 +299,52 @@ def test_preemption_saves_the_current_step_and_ckpt_path_last_continues_the_run(
     err = _finish(process, tmp_path)
     assert process.returncode == 128 + signum, err[-2000:]
     message = next(line for line in err.splitlines() if line.startswith("preempted: "))
-    assert message.startswith(f"preempted: {signal.Signals(signum).name} at step ") and "ckpt_path=last" in message
+    assert message.startswith(f"preempted: {signal.Signals(signum).name} at step ")
     step = int(message.split(" at step ")[1].split(":")[0])
     folder = _checkpoints(tmp_path)
     assert load_checkpoint(folder / "last.ckpt")["global_step"] == step > 0
+    assert message.endswith(f" ckpt_path={folder / 'last.ckpt'} hydra.run.dir={folder.parent}")
     process = _start(tmp_path, f"trainer.max_steps={step + 2}", "ckpt_path=last")
     err = _finish(process, tmp_path)
     assert process.returncode == 0, err[-2000:]
     assert load_checkpoint(folder / "last.ckpt")["global_step"] == step + 2  # the same run folder, continued
     assert (folder.parent / "config_resolved_1.yaml").is_file()  # the first part's config is kept
+
+
+def _hinted(message: str, *changes: str) -> list[str]:
+    """The command a preemption line says continues the run, as argv, with `changes` replacing its overrides."""
+    command = shlex.split(message.split("continue this run with: ", 1)[1])
+    assert command[:2] == ["python", "train.py"]
+    replaced = {change.split("=", 1)[0] for change in changes}
+    return [sys.executable, str(ROOT / "train.py"),
+            *(arg for arg in command[2:] if arg.split("=", 1)[0] not in replaced), *changes]
+
+
+@pytest.mark.slow
+def test_a_preempted_multirun_job_is_continued_by_its_hint_and_found_by_ckpt_path_last(tmp_path):
+    """SIGTERM during job 0 of a multirun: the line names that job's checkpoint and overrides exactly; that command
+    continues it in its own folder, and ckpt_path=last (which looked one folder deep) finds it too."""
+    process = _start(tmp_path, "optim.lr=1e-3,2e-3", "trainer.max_steps=100000",
+                     "callbacks.checkpoint.every_n_train_steps=1000", multirun=True)
+    _wait_for(lambda: _training(tmp_path))
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    err = _finish(process, tmp_path)
+    assert process.returncode == 143, err[-2000:]
+    message = next(line for line in err.splitlines() if line.startswith("preempted: "))
+    step = int(message.split(" at step ")[1].split(":")[0])
+    [run] = list((tmp_path / "runs" / "smoke").glob("multirun_*/0"))
+    assert " optim.lr=0.001 trainer.max_steps=100000 " in message  # this job's own overrides (Hydra writes 1e-3 so)
+    assert message.endswith(f" ckpt_path={run / 'checkpoints' / 'last.ckpt'} hydra.run.dir={run}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DDPMLAB_ROOT": str(tmp_path)}
+    continued = subprocess.run(_hinted(message, f"trainer.max_steps={step + 2}"), cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert continued.returncode == 0, continued.stderr[-2000:]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == step + 2
+    process = _start(tmp_path, "optim.lr=1e-3", f"trainer.max_steps={step + 4}", "ckpt_path=last")
+    err = _finish(process, tmp_path)
+    assert process.returncode == 0, err[-2000:]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == step + 4
 
 
 # ---- a full disk at the second checkpoint: one line, exit 2, the run folder and its first checkpoint kept ------
@@ -378,15 +417,12 @@ class FailOnRank(L.Callback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 0])
-def test_a_rank_that_raises_ends_the_whole_ddp_job_within_a_minute(tmp_path, rank):
+def test_a_rank_that_raises_ends_the_whole_ddp_job_long_before_the_collective_timeout(tmp_path, rank):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
            "FAIL_ON_RANK": str(rank)}
-    start = time.monotonic()
-    result = subprocess.run(
+    result = subprocess.run(  # a hung job fails the test with TimeoutExpired
         [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.max_steps=100000",
          "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"paths.log_dir={tmp_path}",
          f"+callbacks.fault._target_={__name__}.FailOnRank"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    elapsed = time.monotonic() - start
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=COLLECTIVE_TIMEOUT_S // 3)
     assert result.returncode != 0 and f"injected fault on rank {rank}" in result.stderr, result.stderr[-2000:]
-    assert elapsed < 90, f"the job took {elapsed:.0f} s to end"

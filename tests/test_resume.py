@@ -60,6 +60,20 @@ def test_resuming_with_another_schedule_and_prediction_is_refused_in_one_line(la
     assert not [p for p in tmp_path.rglob("*") if p.is_dir() and p.parent.name == "smoke"]
 
 
+def test_allow_changes_switches_the_timestep_sampler_with_a_fresh_state_both_ways(last, tmp_path):
+    """uniform -> importance: the importance sampler's loss history starts empty and fills from the resumed
+    steps (it had refused the checkpoint, which has none); importance -> uniform: the history is dropped."""
+    train(_resume(last, tmp_path / "importance", "timestep_sampler=importance", "trainer.max_steps=9",
+                  "resume.allow_changes=[timestep_sampler]"))
+    after = load_checkpoint(tmp_path / "importance" / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == 9 and after["config"]["timestep_sampler"]["_target_"].endswith("ImportanceTimesteps")
+    assert after["state_dict"]["timestep_sampler.loss_counts"].sum() == 3 * 8  # steps 7-9 of batch 8 only
+    train(_resume(tmp_path / "importance" / "checkpoints" / "last.ckpt", tmp_path / "uniform", "trainer.max_steps=10",
+                  "resume.allow_changes=[timestep_sampler]"))
+    again = load_checkpoint(tmp_path / "uniform" / "checkpoints" / "last.ckpt")
+    assert again["global_step"] == 10 and not any(k.startswith("timestep_sampler.") for k in again["state_dict"])
+
+
 def test_allow_changes_lets_the_learning_rate_change_and_the_new_rate_trains(last, tmp_path):
     with pytest.raises(ConfigError, match=r"would change what it was trained as: optim.lr 0.001 -> 0.0005: "):
         train(_resume(last, tmp_path / "refused", "optim.lr=5e-4"))

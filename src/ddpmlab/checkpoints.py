@@ -52,6 +52,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint as a dict, through `torch.load(weights_only=True)`: tensors and plain data only."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.relative_to(path) for p in path.rglob("*.ckpt"))
+        inside = (f"the .ckpt files in it: {', '.join(map(str, found[:5]))}{' ...' if len(found) > 5 else ''}"
+                  if found else "it holds no .ckpt file")
+        raise ConfigError(f"checkpoint {path} is a folder, not a checkpoint file ({inside}): pass the path of one, "
+                          f"e.g. {path / (found[-1] if found else 'checkpoints/last.ckpt')}")
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: pass the path of a .ckpt file (runs/.../checkpoints/last.ckpt)")
     try:

@@ -87,6 +87,7 @@ class DiffusionModule(L.LightningModule):
         self._step_start: float | None = None
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
         self.updating = False  # between the gradients and the EMA: weights, Adam and EMA may disagree
+        self.restarted: list[str] = []  # parts whose checkpointed state a resume replaces (ddpmlab.resume.RESTARTED)
 
     def train(self, mode: bool = True) -> "DiffusionModule":
         """Lightning puts the whole module in train mode; the EMA copy stays in eval (no dropout when sampling)."""
@@ -258,6 +259,10 @@ class DiffusionModule(L.LightningModule):
         checkpoint["rng_states"] = {**states[0], "other_ranks": states[1:]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.restarted:  # before Lightning loads the state dict: these parts keep the state they were built with
+            from ddpmlab.resume import with_fresh_state
+
+            checkpoint["state_dict"] = with_fresh_state(checkpoint["state_dict"], self, self.restarted)
         states = checkpoint.get("rng_states")
         rank = self.trainer.global_rank if self._trainer is not None else 0
         ranks = [states, *states.get("other_ranks", [])] if states else []

@@ -31,10 +31,11 @@ from ddpmlab.data import (
     READERS, image_files, image_folder_split, load_image, read_cifar10, read_fashion_mnist, read_mnist, resize_crop,
 )
 from ddpmlab.errors import ConfigError, OneLineParser
+from ddpmlab.progress import track
 from ddpmlab.shards import TEST, TRAIN, litdata
 
 DATASETS = {"cifar10": read_cifar10, "mnist": read_mnist, "fashion_mnist": read_fashion_mnist}
-CHANNELS = {"cifar10": 3, "mnist": 1, "fashion_mnist": 1, "lsun": 3, "folder": 3}
+CHANNELS = {"cifar10": 3, "mnist": 1, "fashion_mnist": 1, "lsun": 3}  # a folder: its images' (folder_channels)
 assert set(DATASETS) <= set(READERS)  # the same readers as training's in-memory path
 
 
@@ -77,11 +78,12 @@ class FromTensor:
 def splits(src: str, args) -> dict[str, tuple]:
     """{split: (fn, inputs)} for SRC; every check that can fail runs here, before anything is written."""
     kind, _, rest = src.partition(":")
-    channels = args.channels or CHANNELS.get(kind if rest else "folder", 3)
+    channels = args.channels or CHANNELS.get(kind, 3)
     if rest and kind in DATASETS:
         if args.test_fraction:
             raise ConfigError(f"--test-fraction={args.test_fraction} is for image folders: {kind} has a test split")
-        read = lambda train: DATASETS[kind](Path(rest).expanduser(), train=train)  # noqa: E731
+        read = lambda train: DATASETS[kind](Path(rest).expanduser(), train=train,  # noqa: E731
+                                            verify_checksums=args.verify_checksums, unverified="--no-verify-checksums")
         return {name: (FromTensor(images, args.image_size, channels), list(range(len(images))))
                 for name, images in ((TRAIN, read(True)), (TEST, read(False)))}
     if rest and kind == "lsun":
@@ -91,10 +93,32 @@ def splits(src: str, args) -> dict[str, tuple]:
                           f"{', '.join(f'{k}:ROOT' for k in DATASETS)} or lsun:PATH")
     root = Path(src).expanduser()
     files = image_files(root, key="SRC")
+    if not args.channels:
+        channels = folder_channels(files)
+        print(f"channels: {channels} ({'every image is grayscale' if channels == 1 else 'some images have colour'}; "
+              f"--channels {4 - channels} to store {'RGB' if channels == 1 else 'grayscale'})", file=sys.stderr)
     train, test = image_folder_split(root, files, args.test_fraction, args.split_seed)
     out = {TRAIN: train} | ({TEST: test} if train is not test else {})  # test: a held-out split exists
     return {name: (FromFiles(files, args.image_size, channels, args.background), list(range(len(files))))
             for name, files in out.items()}
+
+
+# Pillow's modes of one grey band (with or without alpha, any bit depth); a palette image is grey when its palette is.
+GREY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def folder_channels(files: list[Path]) -> int:
+    """1 when every image is grayscale (its mode, or a palette of greys: only the headers are read), else 3."""
+    for path in track(files, total=len(files), desc="reading image modes", leave=False):
+        try:
+            with Image.open(path) as img:
+                palette = img.getpalette() if img.mode in ("P", "PA") else None
+                grey = img.mode in GREY_MODES or (palette is not None and palette[0::3] == palette[1::3] == palette[2::3])
+        except (OSError, ValueError):  # unreadable: load_image names it when the image is written
+            continue
+        if not grey:
+            return 3
+    return 1
 
 
 def _lsun(path: Path, image_size: int, channels: int, background):
@@ -117,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", metavar="SRC")
     parser.add_argument("--out", required=True, type=Path, help="the new folder: data.path of data=shards")
     parser.add_argument("--image-size", required=True, type=int, help="N: the images' side after resizing")
-    parser.add_argument("--channels", type=int, choices=[1, 3], help="1 (L) or 3 (RGB); default: the source's")
+    parser.add_argument("--channels", type=int, choices=[1, 3], help="1 (L) or 3 (RGB); default: the source's (a "
+                        "folder: 1 when every image is grayscale, else 3)")
+    parser.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                        help="cifar10: read a re-packed copy whose MD5 sums differ from the release's")
     parser.add_argument("--test-fraction", type=float, default=0.0, help="image folders: the share held out as test")
     parser.add_argument("--split-seed", type=int, default=0, help="image folders: which images --test-fraction holds out")
     parser.add_argument("--background", default="white", help="the colour transparent pixels are composited onto")

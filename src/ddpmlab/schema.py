@@ -442,16 +442,25 @@ def _model_follows_data(cfg) -> None:
                           f"set {source} instead; the model follows the data")
 
 
-def _batch_fits_dataset(cfg) -> None:
-    size = DATASET_SIZES.get(cfg.data.dataset)
+def check_batch_fits(cfg, size: int, what: str) -> None:
+    """data.batch_size x processes at most the `size` training images (`what` they are): a larger batch would be
+    silently shrunk to the dataset (StepBatchSampler) while train/images_per_s counted the configured one."""
     devices = cfg.trainer.get("devices", 1)
-    count = devices if isinstance(devices, int) else len(devices) if OmegaConf.is_list(devices) else 1
-    batch = cfg.data.batch_size * count * cfg.trainer.get("num_nodes", 1)
-    if size is not None and batch > size:
-        raise problem("data.batch_size", cfg.data.batch_size,
-                      f"at most the {size} training images of {cfg.data.dataset}"
-                      + (f" over {batch // cfg.data.batch_size} processes" if batch != cfg.data.batch_size else ""),
-                      f"set data.batch_size={size // (batch // cfg.data.batch_size)} or less")
+    processes = (devices if isinstance(devices, int) else len(devices) if OmegaConf.is_list(devices) else 1) * \
+        cfg.trainer.get("num_nodes", 1)
+    if cfg.data.batch_size * processes > size:
+        raise problem("data.batch_size", cfg.data.batch_size, f"at most the {size} training images of {what}"
+                      + (f" over {processes} processes" if processes > 1 else ""),
+                      f"set data.batch_size={max(1, size // processes)} or less" if size >= processes else
+                      f"add training images, or train on fewer processes")
+
+
+def _batch_fits_dataset(cfg) -> None:
+    """The built-in datasets' sizes are known before any is read; an image folder's and shards' once read
+    (ddpmlab.training.train, before step 1)."""
+    size = DATASET_SIZES.get(cfg.data.dataset)
+    if size is not None:
+        check_batch_fits(cfg, size, cfg.data.dataset)
 
 
 def _training_stops(cfg) -> None:

@@ -84,11 +84,32 @@ def write_summary(sweep_dir: Path, study=None, metric: str = "objective") -> str
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731
     table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
                       + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+    on_train = _val_on_training_images(sweep_dir, rows)
+    if on_train:
+        table += (f"\n\nval/bpd of run{'s' if len(on_train) > 1 else ''} {', '.join(on_train)} is measured on "
+                  "training images (the data has no held-out split), so it cannot show overfitting: give data.root a "
+                  "test/ folder, or set data.test_fraction=0.1")
     if study is not None:
         table += "\n\n" + _search_results(sweep_dir, study, trials, metric)
     (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
     _plot_losses(sweep_dir, rows, keys)
     return table
+
+
+def _val_on_training_images(sweep_dir: Path, rows: list[dict]) -> list[str]:
+    """The runs whose val/bpd is on training images: their data has no held-out split (ddpmlab.data)."""
+    from ddpmlab.data import NO_HELD_OUT, test_split_label
+
+    found = []
+    for row in rows:
+        saved = sweep_dir / row["run"] / "config_resolved.yaml"  # written once training starts
+        if math.isnan(row["val/bpd (last)"]) or not saved.is_file():
+            continue
+        data = OmegaConf.load(saved).data
+        if test_split_label(data.dataset, data.root, data.get("test_fraction", 0.0), data.get("split_seed", 0),
+                            data.get("path")) == NO_HELD_OUT:
+            found.append(row["run"])
+    return found
 
 
 def load_study(config: DictConfig):

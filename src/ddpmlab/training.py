@@ -13,11 +13,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpmlab.callbacks import ValidationBound
 from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoint
+from ddpmlab.data import NO_HELD_OUT
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import EVERY_STEP, METRICS, DiffusionModule
 from ddpmlab.performance import optimize_network, performance_settings
-from ddpmlab.resume import ApplyOptimChanges, check_resume, init_weights
+from ddpmlab.resume import ApplyOptimChanges, check_resume, init_weights, restarted_state, with_fresh_state
+from ddpmlab.schema import DATASET_SIZES, check_batch_fits
 
 # The EMA copy is in eval mode on purpose (no dropout when sampling from it).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -100,10 +102,12 @@ class RunRecord(L.Callback):
 
 def resolve_last(cfg: DictConfig, task_name: str | None = None, key: str = "ckpt_path") -> Path:
     """`ckpt_path=last` (evaluate.py: `ckpt=last`, task train): the newest checkpoints/last.ckpt among a task's run
-    folders (runs/<task_name>/*; this run's task unless `task_name` is given)."""
+    folders, single runs' (runs/<task_name>/<run>) and multiruns' (runs/<task_name>/<multirun>/<N>) alike; this
+    run's task unless `task_name` is given."""
     task_name = task_name or cfg.task_name
     task_dir = Path(cfg.paths.log_dir) / task_name
-    found = sorted(task_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    found = sorted([*task_dir.glob("*/checkpoints/last.ckpt"), *task_dir.glob("*/*/checkpoints/last.ckpt")],
+                   key=lambda p: p.stat().st_mtime)
     if not found:
         raise ConfigError(f"{key}=last: no run of task {task_name!r} has a checkpoint under {task_dir}: "
                           f"train first, or pass {key}=PATH/last.ckpt")
@@ -194,18 +198,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         notes.append(f"{cfg.ckpt_path} holds weights only: training starts at step 0 from them, with a fresh optimizer")
     elif checkpoint:
         changed, notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
-        check_matches(module, checkpoint, cfg.ckpt_path)
+        module.restarted = restarted_state(changed)  # replaced again when Lightning loads the file (on_load_checkpoint)
+        notes += [f"{part} changed: its state starts afresh (e.g. the importance sampler's loss history)"
+                  for part in module.restarted]
+        check_matches(module, {"state_dict": with_fresh_state(checkpoint["state_dict"], module, module.restarted)},
+                      cfg.ckpt_path)
         check_optimized_metric(cfg, int(checkpoint.get("global_step", 0)))
     else:
         check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
     if cfg.init_from is not None:
         init_weights(module, cfg.init_from)
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
+    if cfg.data.dataset not in DATASET_SIZES:  # an image folder's or the shards' size, known once read
+        fraction = cfg.data.get("test_fraction")  # image folders only
+        held_out = f" (after data.test_fraction={fraction})" if fraction else ""
+        check_batch_fits(cfg, len(datamodule.train_images), f"{cfg.data.dataset} {datamodule.source}{held_out}")
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
     if cfg.val.num_images:
         datamodule.setup("test")
-        callbacks.append(ValidationBound(datamodule.test_images, **cfg.val))
+        if datamodule.test_split == NO_HELD_OUT:
+            notes.append(f"val/bpd is measured on training images: {datamodule.source} has no held-out split, so it "
+                         "cannot show overfitting; give it a test/ folder, or set data.test_fraction=0.1")
+        callbacks.append(ValidationBound(datamodule.test_images, split=datamodule.test_split, **cfg.val))
     if any(key.startswith("optim.") for key in changed):
         callbacks.append(ApplyOptimChanges())
     loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]

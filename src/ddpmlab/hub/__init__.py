@@ -96,8 +96,10 @@ def _train_config(model: dict, schedule: dict, diffusion: dict, out: Path, data,
     return cfg
 
 
-def export_pipeline(ckpt: str, out: Path, use_ema: bool = True, push_to: str | None = None) -> None:
-    """Write the checkpoint's network (EMA weights unless use_ema=False) and schedule as a DDPMPipeline folder."""
+def export_pipeline(ckpt: str, out: Path, use_ema: bool = True, push_to: str | None = None) -> int:
+    """Write the checkpoint's network (EMA weights unless use_ema=False) and schedule as a DDPMPipeline folder;
+    returns its T. The pipeline samples as our ancestral sampler only with num_inference_steps=T (its default,
+    1000, skips steps of a longer schedule and fails on a shorter one)."""
     from ddpmlab.evaluation import load_run
 
     out = Path(out)
@@ -121,3 +123,4 @@ def export_pipeline(ckpt: str, out: Path, use_ema: bool = True, push_to: str | N
     write_pipeline(out, unet_config, weights_to_diffusers(network.state_dict(), table), scheduler_config)
     if push_to:
         push(out, push_to)
+    return diffusion.num_timesteps

@@ -8,6 +8,7 @@ import sys
 
 from ddpmlab.errors import ConfigError, OneLineParser
 from ddpmlab.hub import export_pipeline, import_checkpoint
+from ddpmlab.hub.convert import paper_dropout
 
 
 def same_network(config: dict) -> list[str]:
@@ -53,13 +54,17 @@ def main(argv=None) -> None:
         if args.command == "import":
             config = import_checkpoint(args.src, args.out, args.data, args.data_root, args.image_size, args.variance)
             data, diffusion = config["data"], config["diffusion"]
+            dropout = paper_dropout(config["model"])
             print(f"wrote {args.out}: {data['channels']}x{data['image_size']}x{data['image_size']} "
                   f"{data['dataset']}, {diffusion['prediction']} prediction, {diffusion['variance']} variance; "
                   f"evaluate: python evaluate.py ckpt={args.out}; fine-tune: python train.py ckpt_path={args.out} "
-                  + " ".join(same_network(config)))
+                  + " ".join(same_network(config))
+                  + (f" (model.dropout={dropout}: what Ho et al. trained this network with, appendix B, whatever the "
+                     "source's config says)" if dropout is not None and config["model"]["dropout"] == dropout else ""))
         else:
-            export_pipeline(args.ckpt, args.out, use_ema=not args.raw, push_to=args.push_to_hub)
-            print(f"wrote {args.out}: DDPMPipeline.from_pretrained({args.out!r}) loads it"
+            T = export_pipeline(args.ckpt, args.out, use_ema=not args.raw, push_to=args.push_to_hub)
+            print(f"wrote {args.out}: DDPMPipeline.from_pretrained({args.out!r})(batch_size=16, "
+                  f"num_inference_steps={T}) samples as our ancestral sampler (all T={T} steps)"
                   + (f"; uploaded to hf://{args.push_to_hub}" if args.push_to_hub else ""))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

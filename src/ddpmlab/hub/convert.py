@@ -129,12 +129,28 @@ def model_from_unet(config: dict) -> dict:
     heads = {width // head_dim if head_dim else 1 for width in attended}
     if len(heads) > 1 or (head_dim and any(width % head_dim for width in attended)):
         raise refuse("attention_head_dim", head_dim, f"our U-Net has one head count for attention widths {attended}")
-    return {"image_size": size, "in_channels": c["in_channels"], "out_channels": c["out_channels"], "ch": ch,
-            "ch_mult": [b // ch for b in channels], "num_res_blocks": c["layers_per_block"],
-            "attn_resolutions": [size // 2**i for i in attn_levels], "dropout": c["dropout"], "norm_groups": groups,
-            "num_heads": heads.pop(), "scale_shift_norm": shift == "scale_shift", "norm_eps": c["norm_eps"],
-            "downsample_padding": "same" if c["downsample_padding"] == 0 else "symmetric",
-            "flip_sin_to_cos": c["flip_sin_to_cos"], "freq_shift": c["freq_shift"]}
+    model = {"image_size": size, "in_channels": c["in_channels"], "out_channels": c["out_channels"], "ch": ch,
+             "ch_mult": [b // ch for b in channels], "num_res_blocks": c["layers_per_block"],
+             "attn_resolutions": [size // 2**i for i in attn_levels], "dropout": c["dropout"], "norm_groups": groups,
+             "num_heads": heads.pop(), "scale_shift_norm": shift == "scale_shift", "norm_eps": c["norm_eps"],
+             "downsample_padding": "same" if c["downsample_padding"] == 0 else "symmetric",
+             "flip_sin_to_cos": c["flip_sin_to_cos"], "freq_shift": c["freq_shift"]}
+    if c["dropout"] == 0.0 and paper_dropout(model) is not None:  # diffusers' default, not the training's
+        model["dropout"] = paper_dropout(model)
+    return model
+
+
+# Ho et al. 2020's released networks by (image size, ch, ch_mult, res blocks, attention sizes), and the dropout each
+# was trained with (appendix B: 0.1 on CIFAR-10, none on the 256x256 datasets). diffusers' configs of the releases
+# (google/ddpm-*) say 0.0 for all, UNet2DModel's default, and the original port's files say none.
+PAPER_NETWORKS = {(32, 128, (1, 2, 2, 2), 2, (16,)): 0.1, (256, 128, (1, 1, 2, 2, 4, 4), 2, (16,)): 0.0}
+
+
+def paper_dropout(model: dict) -> float | None:
+    """The dropout Ho et al. trained `model` (our U-Net's arguments) with, when it is one of their networks."""
+    key = (model["image_size"], model["ch"], tuple(model["ch_mult"]), model["num_res_blocks"],
+           tuple(model["attn_resolutions"]))
+    return PAPER_NETWORKS.get(key)
 
 
 def model_from_ddpm(weights: dict, image_size: int | None) -> dict:
