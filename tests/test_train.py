@@ -178,3 +178,43 @@ def test_a_metric_of_logging_steps_only_is_refused_when_the_steps_left_hold_none
     with pytest.raises(ConfigError, match=r"steps 21 to 29 hold no logging step: set trainer.log_every_n_steps=9"):
         check_optimized_metric(cfg, start_step=20)
     check_optimized_metric(compose_config("experiment=smoke", "trainer.log_every_n_steps=10"), start_step=20)  # val/bpd
+
+
+@pytest.mark.slow
+def test_a_wall_clock_budget_stops_training_and_a_resume_continues_the_same_budget(tmp_path):
+    """trainer.max_time with max_steps=-1 trains until the budget; the elapsed time is in the checkpoint, so a
+    resume with the same budget is refused before it loads anything (none is left) and one with a longer budget
+    trains on to it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def run(*overrides):
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.max_steps=-1",
+                               "callbacks.sample_grid=null", "val.num_images=0", "optimized_metric=train/loss",
+                               f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert run("trainer.max_time=00:00:00:08").returncode == 0
+    first = load_checkpoint(ckpt)
+    spent = first["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert first["global_step"] > 0 and spent >= 8
+    same = run("trainer.max_time=00:00:00:08", f"ckpt_path={ckpt}")
+    assert same.returncode == 2 and same.stderr.strip().splitlines()[-1].startswith(
+        f"error: ckpt_path={ckpt} has trained {spent:.0f} s, all of trainer.max_time=00:00:00:08")
+    assert run("trainer.max_time=00:00:00:16", f"ckpt_path={ckpt}").returncode == 0
+    longer = load_checkpoint(ckpt)
+    assert longer["global_step"] > first["global_step"] and longer["callbacks"]["Timer"]["time_elapsed"]["train"] >= 16
+
+
+def test_precision_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(tmp_path):
+    """What this CPU does with bf16, as torch and oneDNN report it, decides; the run stores what it used."""
+    from ddpmlab.performance import cpu_bf16, resolved_precision
+
+    assert resolved_precision("auto", on_gpu=True) == "32-true"
+    assert resolved_precision("bf16-mixed", on_gpu=False) == "bf16-mixed" and resolved_precision("32-true", False) == "32-true"
+    expected = "bf16-mixed" if cpu_bf16() == "native" else "32-true"
+    assert resolved_precision("auto", on_gpu=False) == expected
+    cfg = compose_config("experiment=smoke", "trainer.precision=auto", "trainer.max_steps=1", "callbacks.sample_grid=null",
+                         "val.num_images=0", "optimized_metric=null", "trainer.accelerator=cpu", output_dir=tmp_path)
+    train(cfg)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["config"]["trainer"]["precision"] == expected

@@ -174,7 +174,7 @@ class LastCheckpoint(L.Callback):
     that step (atomically), and training stops with `Preempted`, whose message says how to continue
     (`python train.py ckpt_path=last`). On SIGUSR2, which submitit's SLURM jobs get `signal_delay_s` before their
     time limit (hydra/launcher=slurm_ddp), the same, then submitit's own handler requeues the job; the requeued
-    job continues from this last.ckpt (ddpmlab.training.requeued_job).
+    job continues from this last.ckpt (ddpmlab.resume.requeued_job).
 
     The handlers only set a flag, so a signal never interrupts a step or a checkpoint write half-way. Under
     DDP the flag is OR-reduced across ranks every `check_every_n_steps` steps (a collective is a host sync,

@@ -1,11 +1,11 @@
-"""Checkpoint files: written atomically, loaded without running pickled code, checked against the model."""
+"""Checkpoint files: written atomically and loaded without running pickled code (what one may continue as:
+ddpmlab.resume)."""
 
 import os
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from torch import nn
 
 from ddpmlab.errors import ConfigError
 
@@ -71,22 +71,3 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint of this project")
     return checkpoint
-
-
-def check_matches(model: nn.Module, checkpoint: dict, path: str | Path) -> None:
-    """Raise one clear line when the checkpoint's weights do not fit `model`'s parameter names and shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    if missing or unexpected or wrong:
-        def listed(keys, show=lambda k: k):
-            return ", ".join(show(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-
-        parts = ([f"missing {listed(missing)}"] if missing else []) + \
-                ([f"unexpected {listed(unexpected)}"] if unexpected else []) + \
-                ([f"other shape {listed(wrong, lambda k: f'{k} {found[k]} vs {expected[k]}')}"] if wrong else [])
-        raise ConfigError(
-            f"checkpoint {path} does not match the model ({'; '.join(parts)}): use the model config of the run "
-            "that wrote it (its .hydra/config.yaml, or the 'config' stored in the checkpoint)"
-        )

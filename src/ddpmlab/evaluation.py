@@ -15,16 +15,17 @@ import torchvision
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from ddpmlab.checkpoints import check_matches, load_checkpoint
+from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.data import NO_HELD_OUT, evaluation_subset, to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.samplers import check_steps
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
 from ddpmlab.eval_plan import Estimate, plan, sampling_phase, sampling_settings
-from ddpmlab.performance import optimize_network, performance_settings
+from ddpmlab.performance import cpu_bf16, optimize_network, performance_settings
 from ddpmlab.progress import track
-from ddpmlab.training import build, build_network, resolve_last
+from ddpmlab.resume import check_matches, resolve_last
+from ddpmlab.training import build, build_network
 
 METRICS = ("nll", "nll_estimate", "fid", "is", "kid")
 SAMPLE_METRICS = ("fid", "is", "kid")
@@ -119,13 +120,27 @@ def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tenso
             "num_images": n, "timesteps_per_image": cfg.nll_estimate.timesteps}
 
 
+def sampling_bf16(cfg, device: torch.device) -> bool:
+    """Whether the samples for FID/KID/IS are drawn with the network under bf16 autocast (`precision`): bf16, or
+    auto on a CPU with native bf16 (ddpmlab.performance.cpu_bf16). The NLL metrics always run in fp32: a bound in
+    bits/dim sums T terms and the decoder's discretized likelihood, where bf16's 8-bit mantissa would show
+    (`python -m ddpmlab.bench --precision-ab --weights CKPT` measures the difference)."""
+    precision = cfg.get("precision", "fp32")
+    return precision == "bf16" or (precision == "auto" and device.type == "cpu" and cpu_bf16() == "native")
+
+
+def sampling_autocast(cfg, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=sampling_bf16(cfg, device))
+
+
 def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps, cost=None) -> torch.Tensor:
     """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
     sampler = get_sampler(name, **({"eta": cfg.eta} if name == "ddim" else {}))
 
     def sample(idx):
         noise = ExampleNoise(idx, cfg.seed, fabric.device)
-        return to_uint8(sampler(model, diffusion, (len(idx), *shape), noise, steps=steps))
+        with sampling_autocast(cfg, fabric.device):
+            return to_uint8(sampler(model, diffusion, (len(idx), *shape), noise, steps=steps))
 
     return _per_example(fabric, cfg.num_samples, cfg.batch_size, sampling_phase(name, steps), sample, shape,
                         torch.uint8, calls=steps or diffusion.num_timesteps, cost=cost).cpu()
@@ -154,7 +169,8 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
             start = time.perf_counter()
             samples = generate(fabric, cfg, model, diffusion, shape, name, steps, cost)
             results["settings"].append({"sampler": name, "sampling_steps": steps, "samples": samples,
-                                        "sampling_seconds": time.perf_counter() - start})
+                                        "sampling_seconds": time.perf_counter() - start,
+                                        "precision": "bf16" if sampling_bf16(cfg, fabric.device) else "fp32"})
     if fabric.global_rank != 0:
         return None
     results["timings"], results["train_cfg"] = timings, OmegaConf.to_container(train_cfg)
@@ -263,7 +279,8 @@ def _rows(cfg, results: dict, split: str) -> list[dict]:
             rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
                          "test_images": r["num_images"], "split": split, "seconds": results["timings"][metric]})
     for setting in results["settings"]:
-        common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"]}
+        common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"],
+                  "sampling_precision": setting.get("precision", "fp32")}
         rows += [{**row, **common, "seconds": row["seconds"] + setting["sampling_seconds"]} for row in setting["rows"]]
     return rows
 
@@ -365,10 +382,12 @@ def _plot_against_steps(rows: list[dict], path: Path) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"\n{'metric':<22}{'value':>12}{'± std':>10}  {'details'}")
+    print(f"\n{'metric':<22}{'value':>12}{'± error':>10}  {'details'} (error: the NLL's and KID's standard error, "
+          "IS's std over splits)")
     for row in rows:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
-        std = "" if row.get("std") is None else f"{row['std']:.4f}"
+        error = row.get("se", row.get("std"))
+        std = "" if error is None else f"{error:.4f}"
         details = row.get("unavailable") or ", ".join(
             f"{k}={row[k]}" for k in ("test_images", "split", "samples", "reference_images", "sampler",
                                       "sampling_steps", "feature_extractor")

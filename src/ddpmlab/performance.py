@@ -1,4 +1,5 @@
-"""Speed switches applied to the U-Net, the same for training and evaluation (config block `performance`).
+"""Speed switches applied to the U-Net, the same for training and evaluation (config block `performance`), and
+the rule behind `trainer.precision=auto`.
 
 What each one gave on the benchmark (python -m ddpmlab.bench) is in benchmarks/README.md.
 """
@@ -36,3 +37,28 @@ def optimize_network(model: nn.Module, channels_last: bool = False, compile: boo
     if compile:
         model.compile()
     return model
+
+
+def uses_gpu(trainer) -> bool:
+    """Whether the `trainer` config block runs on a GPU: accelerator gpu/cuda, or auto with CUDA present."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def cpu_bf16() -> str:
+    """How this CPU runs bfloat16 convolutions and matrix products, as torch and oneDNN report it (not the CPU's
+    name): "native" with bf16 dot-product instructions (AVX512_BF16) or AMX tiles, "emulated" where oneDNN
+    converts to fp32 inside its kernels (AVX-512 without them: slower than fp32), "none" where oneDNN has no bf16."""
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(native):
+        return "native"
+    return "emulated" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+
+
+def resolved_precision(precision, on_gpu: bool) -> str:
+    """`trainer.precision` as Lightning takes it: `auto` is bf16-mixed on a CPU with native bf16 (cpu_bf16), where
+    it trains faster at the same quality (benchmarks/README.md, "bf16 on the CPU"), and 32-true elsewhere (GPUs
+    included: their bf16 runs are not measured here); any other value is itself."""
+    if str(precision) != "auto":
+        return precision
+    return "bf16-mixed" if not on_gpu and cpu_bf16() == "native" else "32-true"

@@ -1,4 +1,5 @@
-"""What a resumed run may change: the checkpoint's stored config against this run's, key by key.
+"""What a run may continue as, and from where: the resume rules in one room. `start(cfg, build_module)` is the
+entry point training calls; ddpmlab.checkpoints only reads and writes the files.
 
 A checkpoint's weights, EMA, Adam moments and step count belong to the settings they were trained with. A
 resume that quietly trains something else (another schedule, prediction or data set) writes the new settings
@@ -8,13 +9,16 @@ and `init_from=PATH` starts a new run from a checkpoint's weights instead.
 """
 
 import logging
+import os
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from ddpmlab.checkpoints import check_matches, load_checkpoint
+from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -106,6 +110,138 @@ def with_fresh_state(state_dict: dict, module: nn.Module, parts: list[str]) -> d
     kept = {k: v for k, v in state_dict.items() if not _under(k, parts)}
     fresh = {f"{part}.{k}": v for part in parts for k, v in getattr(module, part).state_dict().items()}
     return {**kept, **fresh}
+
+
+@dataclass
+class Start:
+    """Where a run starts: the checkpoint Lightning restores (None: a new run, step 0), the step it starts at,
+    the defining keys resume.allow_changes let through, and lines for the run's log."""
+
+    fit_from: str | None = None
+    step: int = 0
+    changed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def start(cfg: DictConfig, build_module) -> tuple:
+    """The one entry point of the resume rules: where this run goes and what it continues, before anything is
+    written. Returns (the LightningModule `build_module(cfg)` makes, its Start).
+
+    - ckpt_path and init_from exclude each other; ckpt_path=last continues the newest run of this task in its own
+      folder (resolve_last); a requeued SLURM or submitit job continues from its own folder's last.ckpt whatever
+      it started from; a new run never writes into a folder that holds an earlier run's checkpoints.
+    - A weights-only checkpoint (python -m ddpmlab.hub import) starts a new run at step 0 from its weights.
+    - A resume keeps what defines the training (check_resume) unless resume.allow_changes names the key; a
+      changed timestep sampler starts its state afresh (RESTARTED); the checkpoint's tensors must fit the
+      network (check_matches); it must have steps or time left to train (check_left_to_train).
+    - init_from=PATH: a new run from a checkpoint's network and EMA weights (init_weights).
+    cfg is updated to say where the run goes (ckpt_path, paths.output_dir).
+    """
+    if cfg.ckpt_path is not None and cfg.init_from is not None:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are both set: ckpt_path "
+                          "continues a run, init_from starts a new one from a checkpoint's weights; drop one")
+    if cfg.ckpt_path == "last":
+        last = resolve_last(cfg)
+        with open_dict(cfg):
+            cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
+    output_dir = Path(cfg.paths.output_dir)
+    own_last = output_dir / "checkpoints" / "last.ckpt"
+    if own_last.is_file() and requeued_job():  # whatever it started from, the job goes on from its own last step
+        log.warning(f"requeued job: continuing from {own_last}")
+        with open_dict(cfg):
+            cfg.ckpt_path, cfg.init_from = str(own_last), None
+    if cfg.ckpt_path is None or Path(cfg.ckpt_path).resolve().parent != (output_dir / "checkpoints").resolve():
+        _check_output_dir(output_dir)  # a run continued in place may of course hold its own checkpoints
+    module = build_module(cfg)
+    checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else {}
+    begin = Start(fit_from=cfg.ckpt_path)
+    if checkpoint and "optimizer_states" not in checkpoint:
+        # Weights only (python -m ddpmlab.hub import): nothing of a training run to continue, so it starts one at
+        # step 0 from the weights, as init_from does, whatever recipe this run has
+        init_weights(module, cfg.ckpt_path, checkpoint)
+        begin.fit_from = None
+        begin.notes.append(f"{cfg.ckpt_path} holds weights only: training starts at step 0 from them, with a fresh "
+                           "optimizer")
+    elif checkpoint:
+        begin.changed, begin.notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
+        module.restarted = restarted_state(begin.changed)  # replaced again when Lightning loads the file
+        begin.notes += [f"{part} changed: its state starts afresh (e.g. the importance sampler's loss history)"
+                        for part in module.restarted]
+        check_matches(module, {"state_dict": with_fresh_state(checkpoint["state_dict"], module, module.restarted)},
+                      cfg.ckpt_path)
+        begin.step = int(checkpoint.get("global_step", 0))
+        check_left_to_train(cfg, checkpoint)
+    else:
+        check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
+    if cfg.init_from is not None:
+        init_weights(module, cfg.init_from)
+    return module, begin
+
+
+def resolve_last(cfg: DictConfig, task_name: str | None = None, key: str = "ckpt_path") -> Path:
+    """`ckpt_path=last` (evaluate.py: `ckpt=last`, task train): the newest checkpoints/last.ckpt among a task's run
+    folders, single runs' (runs/<task_name>/<run>) and multiruns' (runs/<task_name>/<multirun>/<N>) alike; this
+    run's task unless `task_name` is given."""
+    task_name = task_name or cfg.task_name
+    task_dir = Path(cfg.paths.log_dir) / task_name
+    found = sorted([*task_dir.glob("*/checkpoints/last.ckpt"), *task_dir.glob("*/*/checkpoints/last.ckpt")],
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"{key}=last: no run of task {task_name!r} has a checkpoint under {task_dir}: "
+                          f"train first, or pass {key}=PATH/last.ckpt")
+    return found[-1]
+
+
+def requeued_job() -> bool:
+    """Whether this process is a job that SLURM restarted (SLURM_RESTART_COUNT: after preemption or `scontrol
+    requeue`) or that submitit runs (its requeue after a time-limit signal keeps the job's run folder, as SLURM's
+    does). Such a job whose run folder holds last.ckpt continues from it, as with ckpt_path=last."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 or "SUBMITIT_EXECUTOR" in os.environ
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse to write into a run folder that already holds an earlier run's checkpoints."""
+    ckpts = output_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints of an earlier run: choose another hydra.run.dir, "
+            f"or resume with ckpt_path={ckpts / 'last.ckpt'}"
+        )
+
+
+def check_left_to_train(cfg: DictConfig, checkpoint: dict) -> None:
+    """A resume must have steps or time left to train: one whose trainer.max_steps or trainer.max_time the
+    checkpoint has already reached would load, train nothing and end without the metric a sweep waits for."""
+    step = int(checkpoint.get("global_step", 0))
+    if cfg.trainer.max_steps != -1 and step >= cfg.trainer.max_steps:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is at step {step} and trainer.max_steps={cfg.trainer.max_steps}: "
+                          f"nothing is left to train; raise trainer.max_steps above {step}")
+    budget = cfg.trainer.get("max_time")
+    spent = ((checkpoint.get("callbacks") or {}).get("Timer") or {}).get("time_elapsed", {}).get("train", 0.0)
+    if budget is not None:
+        days, hours, minutes, seconds = map(int, budget.split(":"))
+        if spent >= ((days * 24 + hours) * 60 + minutes) * 60 + seconds:
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} has trained {spent:.0f} s, all of trainer.max_time={budget}: "
+                              "nothing is left to train; raise trainer.max_time (the resumed run continues its budget)")
+
+
+def check_matches(model: nn.Module, checkpoint: dict, path: str | Path) -> None:
+    """Raise one clear line when the checkpoint's weights do not fit `model`'s parameter names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        def listed(keys, show=lambda k: k):
+            return ", ".join(show(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+        parts = ([f"missing {listed(missing)}"] if missing else []) + \
+                ([f"unexpected {listed(unexpected)}"] if unexpected else []) + \
+                ([f"other shape {listed(wrong, lambda k: f'{k} {found[k]} vs {expected[k]}')}"] if wrong else [])
+        raise ConfigError(
+            f"checkpoint {path} does not match the model ({'; '.join(parts)}): use the model config of the run "
+            "that wrote it (its .hydra/config.yaml, or the 'config' stored in the checkpoint)"
+        )
 
 
 class ApplyOptimChanges(L.Callback):

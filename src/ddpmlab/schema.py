@@ -46,8 +46,8 @@ METRICS = ("nll", "nll_estimate", "fid", "is", "kid")  # ddpmlab.evaluation.METR
 # Training images of the built-in datasets: a batch larger than its dataset is refused (the sampler would
 # silently shrink it to the dataset).
 DATASET_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", 64, 32, 16, "64", "32", "16",
-              "bf16")
+PRECISIONS = ("auto", "64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", 64, 32, 16, "64", "32",
+              "16", "bf16")  # auto: ddpmlab.performance.resolved_precision
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
@@ -130,6 +130,16 @@ def list_of(item: Rule, length: int | None = None, min_length: int = 0, null: bo
 
 def either(*rules: Rule, null: bool = False, fix: str = "") -> Rule:
     return Rule(lambda v: any(r.test(v) for r in rules), " or ".join(r.text for r in rules), null, fix)
+
+
+def duration(null: bool = False, fix: str = "") -> Rule:
+    """Lightning's max_time string DD:HH:MM:SS, above zero."""
+    def test(v) -> bool:
+        parts = v.split(":") if isinstance(v, str) else []
+        return (len(parts) == 4 and all(p.isdigit() for p in parts) and all(len(p) == 2 for p in parts[1:])
+                and int(parts[1]) < 24 and int(parts[2]) < 60 and int(parts[3]) < 60 and any(map(int, parts)))
+
+    return Rule(test, "a duration DD:HH:MM:SS above zero (00:00:10:00: ten minutes)", null, fix)
 
 
 def alias(interpolation: str) -> Rule:
@@ -231,6 +241,7 @@ TRAIN: dict[str, Rule] = {
     "trainer.precision": choice(*PRECISIONS),
     "trainer.max_steps": either(integer(1), choice(-1), fix="-1: no limit, with trainer.max_epochs set"),
     "trainer.max_epochs": either(integer(1), choice(-1), fix="-1: no limit, with trainer.max_steps set"),
+    "trainer.max_time": duration(null=True, fix="e.g. trainer.max_time=00:00:10:00 (ten minutes), or null"),
     "trainer.gradient_clip_val": number(0, above=True, null=True, fix="null: no clipping"),
     "trainer.gradient_clip_algorithm": choice("norm", "value", null=True),
     "trainer.accumulate_grad_batches": integer(1),
@@ -285,6 +296,7 @@ EVAL: dict[str, Rule] = {
     "sampler": either(choice(*SAMPLERS), list_of(choice(*SAMPLERS), min_length=1)),
     "sampling_steps": either(integer(1), list_of(integer(1), min_length=1), null=True, fix="null: all T steps"),
     "eta": number(0, 1),  # 0: deterministic DDIM, 1: DDPM's stochasticity
+    "precision": choice("auto", "fp32", "bf16"),
     "nll.num_images": integer(1, null=True, fix="null: the whole test split"),
     "nll.clip_denoised": flag(),
     "nll_estimate.num_images": integer(1, null=True, fix="null: the whole test split"),
@@ -399,6 +411,8 @@ def check_eval(cfg: DictConfig) -> None:
     """evaluate.py's config, before the checkpoint is read (its T and data are checked once it is loaded)."""
     check(cfg, EVAL, EVAL_CROSS)
     check_machine(cfg.trainer)
+    if cfg.get("precision") == "bf16":
+        check_bf16(cfg.trainer, "precision", "fp32")
 
 
 def check(cfg: DictConfig, rules: dict[str, Rule], cross=()) -> None:
@@ -452,7 +466,7 @@ def check_batch_fits(cfg, size: int, what: str) -> None:
         raise problem("data.batch_size", cfg.data.batch_size, f"at most the {size} training images of {what}"
                       + (f" over {processes} processes" if processes > 1 else ""),
                       f"set data.batch_size={max(1, size // processes)} or less" if size >= processes else
-                      f"add training images, or train on fewer processes")
+                      "add training images, or train on fewer processes")
 
 
 def _batch_fits_dataset(cfg) -> None:
@@ -464,9 +478,11 @@ def _batch_fits_dataset(cfg) -> None:
 
 
 def _training_stops(cfg) -> None:
-    if cfg.trainer.get("max_steps", -1) == -1 and cfg.trainer.get("max_epochs", -1) == -1:
-        raise problem("trainer.max_steps", -1, "a positive step count when trainer.max_epochs=-1 (else training "
-                      "never ends)", "set trainer.max_steps=1500 or trainer.max_epochs")
+    if (cfg.trainer.get("max_steps", -1) == -1 and cfg.trainer.get("max_epochs", -1) == -1
+            and cfg.trainer.get("max_time") is None):
+        raise problem("trainer.max_steps", -1, "a positive step count when trainer.max_epochs=-1 and "
+                      "trainer.max_time=null (else training never ends)",
+                      "set trainer.max_steps=1500, trainer.max_epochs or trainer.max_time=00:00:10:00")
 
 
 def _sample_metrics_need_samples(cfg) -> None:
@@ -484,6 +500,8 @@ def check_machine(trainer: DictConfig, key: str = "trainer") -> None:
     """The accelerator, device count and precision `trainer` asks for exist on this machine (imports torch)."""
     import torch
 
+    from ddpmlab.performance import resolved_precision, uses_gpu
+
     accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
     cuda = torch.cuda.is_available()
     if accelerator in ("gpu", "cuda") and not cuda:
@@ -492,17 +510,30 @@ def check_machine(trainer: DictConfig, key: str = "trainer") -> None:
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise problem(f"{key}.accelerator", accelerator, "an accelerator this machine has (it has no MPS)",
                       f"set {key}.accelerator=cpu (or auto)")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda)
+    on_gpu = uses_gpu(trainer)
     available = torch.cuda.device_count() if on_gpu else os.cpu_count() or 1
     wanted = devices if isinstance(devices, int) else max(devices) + 1 if OmegaConf.is_list(devices) else 0
     if wanted > available:
         what = f"{available} GPU(s)" if on_gpu else f"{available} CPU core(s)"
         raise problem(f"{key}.devices", devices, f"at most the {what} this machine has",
                       f"set {key}.devices={available} or fewer")
-    precision = str(trainer.get("precision", "32-true"))
+    precision = str(resolved_precision(trainer.get("precision", "32-true"), on_gpu))
     if precision in ("16-mixed", "16") and not on_gpu:
         raise problem(f"{key}.precision", trainer.precision, "a precision the CPU runs (fp16 mixed precision needs "
                       "a GPU)", f"set {key}.precision=bf16-mixed or 32-true")
-    if precision.startswith("bf16") and on_gpu and not torch.cuda.is_bf16_supported():
-        raise problem(f"{key}.precision", trainer.precision, "a precision this GPU runs (it has no bfloat16)",
-                      f"set {key}.precision=16-mixed or 32-true")
+    if precision.startswith("bf16"):
+        check_bf16(trainer, f"{key}.precision", "32-true")
+
+
+def check_bf16(trainer: DictConfig, key: str, fp32: str) -> None:
+    """bfloat16 exists on the device `trainer` runs on: a GPU that has it, a CPU for which oneDNN has kernels."""
+    import torch
+
+    from ddpmlab.performance import cpu_bf16, uses_gpu
+
+    if uses_gpu(trainer) and not torch.cuda.is_bf16_supported():
+        raise problem(key, OmegaConf.select(trainer, "precision") if key.endswith("trainer.precision") else "bf16",
+                      "a precision this GPU runs (it has no bfloat16)", f"set {key}={fp32} (or 16-mixed in training)")
+    if not uses_gpu(trainer) and cpu_bf16() == "none":
+        raise problem(key, "bf16", "a precision this CPU runs (oneDNN has no bfloat16 kernels for it)",
+                      f"set {key}={fp32} (or auto)")

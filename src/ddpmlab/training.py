@@ -1,24 +1,22 @@
 """Build everything a run needs from the composed config, and train."""
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpmlab.callbacks import ValidationBound
-from ddpmlab.checkpoints import AtomicCheckpointIO, check_matches, load_checkpoint
+from ddpmlab.checkpoints import AtomicCheckpointIO
 from ddpmlab.data import NO_HELD_OUT
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import EVERY_STEP, METRICS, DiffusionModule
-from ddpmlab.performance import optimize_network, performance_settings
-from ddpmlab.resume import ApplyOptimChanges, check_resume, init_weights, restarted_state, with_fresh_state
+from ddpmlab.performance import optimize_network, performance_settings, resolved_precision, uses_gpu
+from ddpmlab.resume import ApplyOptimChanges, start
 from ddpmlab.schema import DATASET_SIZES, check_batch_fits
 
 # The EMA copy is in eval mode on purpose (no dropout when sampling from it).
@@ -49,9 +47,7 @@ def build_network(cfg: DictConfig):
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """U-Net + diffusion + timestep sampler + optimisation settings -> the LightningModule (the config rides along)."""
     model, diffusion = build_network(cfg)
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    channels_last, compile = performance_settings(cfg.get("performance"), on_gpu)
+    channels_last, compile = performance_settings(cfg.get("performance"), uses_gpu(cfg.trainer))
     optimize_network(model, channels_last=channels_last)  # before the EMA copy: it inherits the memory format
     timestep_sampler = build(cfg.timestep_sampler, num_timesteps=diffusion.num_timesteps)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -100,37 +96,6 @@ class RunRecord(L.Callback):
             log.warning(note)
 
 
-def resolve_last(cfg: DictConfig, task_name: str | None = None, key: str = "ckpt_path") -> Path:
-    """`ckpt_path=last` (evaluate.py: `ckpt=last`, task train): the newest checkpoints/last.ckpt among a task's run
-    folders, single runs' (runs/<task_name>/<run>) and multiruns' (runs/<task_name>/<multirun>/<N>) alike; this
-    run's task unless `task_name` is given."""
-    task_name = task_name or cfg.task_name
-    task_dir = Path(cfg.paths.log_dir) / task_name
-    found = sorted([*task_dir.glob("*/checkpoints/last.ckpt"), *task_dir.glob("*/*/checkpoints/last.ckpt")],
-                   key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"{key}=last: no run of task {task_name!r} has a checkpoint under {task_dir}: "
-                          f"train first, or pass {key}=PATH/last.ckpt")
-    return found[-1]
-
-
-def requeued_job() -> bool:
-    """Whether this process is a job that SLURM restarted (SLURM_RESTART_COUNT: after preemption or `scontrol
-    requeue`) or that submitit runs (its requeue after a time-limit signal keeps the job's run folder, as SLURM's
-    does). Such a job whose run folder holds last.ckpt continues from it, as with ckpt_path=last."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 or "SUBMITIT_EXECUTOR" in os.environ
-
-
-def _check_output_dir(output_dir: Path) -> None:
-    """Refuse to write into a run folder that already holds an earlier run's checkpoints."""
-    ckpts = output_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        raise ConfigError(
-            f"{output_dir} already holds checkpoints of an earlier run: choose another hydra.run.dir, "
-            f"or resume with ckpt_path={ckpts / 'last.ckpt'}"
-        )
-
-
 def check_optimized_metric(cfg: DictConfig, start_step: int = 0) -> None:
     """optimized_metric must name a metric the run will log: refused before training, not after.
 
@@ -164,50 +129,17 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as `cfg` says; returns the last logged metrics. Raises ConfigError on bad input, before training.
 
-    With ckpt_path=last the newest run of this task continues in its own folder (cfg is updated to say so).
-    A resume keeps what defines the training (ddpmlab.resume) unless resume.allow_changes names the key;
-    init_from=PATH starts a new run from a checkpoint's weights.
+    Where the run goes and what it continues (ckpt_path, ckpt_path=last, a requeued job, init_from, the resume
+    rules) is ddpmlab.resume.start's: cfg is updated to say so.
     """
     check_optimized_metric(cfg)
-    if cfg.ckpt_path is not None and cfg.init_from is not None:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are both set: ckpt_path "
-                          "continues a run, init_from starts a new one from a checkpoint's weights; drop one")
-    if cfg.ckpt_path == "last":
-        last = resolve_last(cfg)
-        with open_dict(cfg):
-            cfg.ckpt_path, cfg.paths.output_dir = str(last), str(last.parent.parent)
-    output_dir = Path(cfg.paths.output_dir)
-    own_last = output_dir / "checkpoints" / "last.ckpt"
-    if own_last.is_file() and requeued_job():  # whatever it started from, the job goes on from its own last step
-        log.warning(f"requeued job: continuing from {own_last}")
-        with open_dict(cfg):
-            cfg.ckpt_path, cfg.init_from = str(own_last), None
-    if cfg.ckpt_path is None or Path(cfg.ckpt_path).resolve().parent != (output_dir / "checkpoints").resolve():
-        _check_output_dir(output_dir)  # a run continued in place may of course hold its own checkpoints
+    with open_dict(cfg):  # trainer.precision=auto: what this machine runs best; stored so in every checkpoint
+        cfg.trainer.precision = resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-
     datamodule = build(cfg.data)
-    module = build_module(cfg)
-    checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else {}
-    fit_from, changed, notes = cfg.ckpt_path, [], []
-    if checkpoint and "optimizer_states" not in checkpoint:
-        # Weights only (python -m ddpmlab.hub import): nothing of a training run to continue, so it starts one at
-        # step 0 from the weights, as init_from does, whatever recipe this run has
-        init_weights(module, cfg.ckpt_path, checkpoint)
-        fit_from = None
-        notes.append(f"{cfg.ckpt_path} holds weights only: training starts at step 0 from them, with a fresh optimizer")
-    elif checkpoint:
-        changed, notes = check_resume(checkpoint.get("config"), module.config, cfg, cfg.ckpt_path)
-        module.restarted = restarted_state(changed)  # replaced again when Lightning loads the file (on_load_checkpoint)
-        notes += [f"{part} changed: its state starts afresh (e.g. the importance sampler's loss history)"
-                  for part in module.restarted]
-        check_matches(module, {"state_dict": with_fresh_state(checkpoint["state_dict"], module, module.restarted)},
-                      cfg.ckpt_path)
-        check_optimized_metric(cfg, int(checkpoint.get("global_step", 0)))
-    else:
-        check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
-    if cfg.init_from is not None:
-        init_weights(module, cfg.init_from)
+    module, begin = start(cfg, build_module)  # where the run goes and what it continues: ddpmlab.resume
+    check_optimized_metric(cfg, begin.step)
+    output_dir, changed, notes = Path(cfg.paths.output_dir), begin.changed, begin.notes
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
     if cfg.data.dataset not in DATASET_SIZES:  # an image folder's or the shards' size, known once read
         fraction = cfg.data.get("test_fraction")  # image folders only
@@ -231,7 +163,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(module.config)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=fit_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=begin.fit_from)
     finally:
         finish_wandb()
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
