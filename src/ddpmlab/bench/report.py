@@ -13,8 +13,11 @@ SIDES = ("ddpmlab", "diffusers")
 # where each row's raw series lives in a preset's results: (section, series); the section gives the kind of gain
 RAW = {"training throughput": ("raw_seconds", "training_blocks"),
        "training compute": ("raw_seconds", "training_blocks"),
-       "model FLOP utilisation": ("raw_seconds", "training_blocks"),
+       "model FLOP utilisation": ("raw_seconds", "training_blocks"),  # the name before sampling got its row
+       "training FLOP utilisation": ("raw_seconds", "training_blocks"),
        "sampling throughput": ("raw_seconds", "sampling_rounds"),
+       "sampling compute": ("raw_seconds", "sampling_rounds"),
+       "sampling FLOP utilisation": ("raw_seconds", "sampling_rounds"),
        "full sampler run": ("raw_seconds", "full_sampler"),
        "NLL throughput": ("raw_seconds", "nll_rounds"),
        "training peak memory": ("raw_mib", "training"),

@@ -32,8 +32,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from ddpmlab.bench.loader import loader_rows, loader_table
-from ddpmlab.bench.measure import bf16_peak, count_flops, describe, synchronize, timed
+from ddpmlab.bench.measure import bf16_peak, count_flops, cpu_peak, describe, synchronize, timed
 from ddpmlab.bench.peer import Peer, import_diffusers
+from ddpmlab.bench.precision import precision_rows, precision_table
+from ddpmlab.bench.quality import time_to_quality
 from ddpmlab.bench.report import SIDES, add_gains, table
 from ddpmlab.data import to_uint8
 from ddpmlab.diffusion.noise import ExampleNoise
@@ -64,6 +66,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="only the peak-memory rows (unlike the timings, not sensitive to a busy machine)")
     parser.add_argument("--loader-only", action="store_true",
                         help="only the row of the streaming loader (data=shards) against the in-memory path")
+    parser.add_argument("--precision-ab", action="store_true",
+                        help="only ddpmlab in bf16-mixed against ddpmlab in 32-true: training and sampling throughput, "
+                             "and with --weights the bound's difference")
+    parser.add_argument("--time-to-quality", action="store_true",
+                        help="train ddpmlab's default run and the peers' recipes for the same wall-clock budget, then "
+                             "score 500 samples of each (bench/quality.py)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="--time-to-quality: each contender's budget")
+    parser.add_argument("--samples", type=int, default=500, help="--time-to-quality: samples scored per contender")
+    parser.add_argument("--contenders", default="ddpmlab,diffusers,lucidrains",
+                        help="--time-to-quality: which, comma-separated")
+    parser.add_argument("--data-root", default=str(ROOT / "data"),
+                        help="--time-to-quality: Fashion-MNIST's folder (data.root) and the FID cache")
+    parser.add_argument("--weights", type=Path, metavar="CKPT", help="--precision-ab: start from this checkpoint's "
+                        "network (a trained run: the same config's), for the bound's difference")
     parser.add_argument("--recompute", type=Path, metavar="FILE.json",
                         help="measure nothing: rebuild the table of stored results from their raw numbers, in place")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<device>-<precision>.json)")
@@ -80,9 +96,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("batch", "rounds", "block", "warmup", "sample_steps", "nll_terms"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.out is None and args.time_to_quality:
+        args.out = ROOT / "benchmarks" / "results" / "time-to-quality.json"
     if args.out is None:
         kind = "cpu" if not gpu else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-        args.out = ROOT / "benchmarks" / "results" / f"{kind}-{'fp32' if args.precision == '32' else 'bf16'}.json"
+        which = "bf16-vs-fp32" if args.precision_ab else "fp32" if args.precision == "32" else "bf16"
+        args.out = ROOT / "benchmarks" / "results" / f"{kind}-{which}.json"
     return args
 
 
@@ -142,9 +161,10 @@ class Alternate(L.Callback):
                   f"per {self.args.block} step(s)", flush=True)
 
 
-def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks=(), data=None, images=None) -> None:
+def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks=(), data=None, images=None,
+        precision: str | None = None) -> None:
     """ddpmlab's Trainer.fit for `steps` steps (no logger, no checkpoint) from `data`, by default the in-memory
-    path's uint8 `images` (random ones if None)."""
+    path's uint8 `images` (random ones if None), in the config's precision unless `precision` is given."""
     if data is None:
         data = build(cfg.data)
         data.train_images = images if images is not None else torch.randint(
@@ -152,7 +172,8 @@ def fit(cfg: DictConfig, module, args: argparse.Namespace, steps: int, callbacks
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build(cfg.trainer, max_steps=steps, logger=False, callbacks=list(callbacks),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator=args.device.type, devices=1, default_root_dir=tmp)
+                        accelerator=args.device.type, devices=1, default_root_dir=tmp,
+                        precision=precision or cfg.trainer.precision)
         trainer.fit(module, datamodule=data)
 
 
@@ -287,10 +308,17 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     achieved = {side: train[side] * train_flops for side in SIDES}
     rows.append(row("training compute", "TFLOP/s", achieved["ddpmlab"] / 1e12, achieved["diffusers"] / 1e12, True,
                     f"{train_flops / 1e9:.2f} GFLOP per image (forward + backward, torch.utils.flop_counter)"))
-    peak = bf16_peak(device)
-    if peak and args.precision == "bf16":
-        rows.append(row("model FLOP utilisation", "%", 100 * achieved["ddpmlab"] / peak,
-                        100 * achieved["diffusers"] / peak, True, f"against the {peak / 1e12:.0f} TFLOP/s bf16 peak"))
+    sampled = {side: rows[1][side] * sample_flops for side in SIDES}  # images x steps/s x FLOP per forward
+    rows.append(row("sampling compute", "TFLOP/s", sampled["ddpmlab"] / 1e12, sampled["diffusers"] / 1e12, True,
+                    f"{sample_flops / 1e9:.3f} GFLOP per image and step (forward, torch.utils.flop_counter)"))
+    peak, assumption = (bf16_peak(device), "the data sheet's dense bf16 peak") if device.type == "cuda" else \
+        cpu_peak(args.precision)
+    if peak and (device.type == "cpu" or args.precision == "bf16"):
+        for phase, flops in (("training", achieved), ("sampling", sampled)):
+            rows.append(row(f"{phase} FLOP utilisation", "%", 100 * flops["ddpmlab"] / peak,
+                            100 * flops["diffusers"] / peak, True,
+                            f"of the {peak / 1e12:.3g} TFLOP/s {'bf16' if args.precision == 'bf16' else 'fp32'} "
+                            f"peak: {assumption}"))
     memory = memory_rows(preset, args)
     return {"parameters": params, "train_gflop_per_image": train_flops / 1e9,
             "sample_gflop_per_image": sample_flops / 1e9, "full_sampler_steps": full_steps,
@@ -304,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.recompute:
         return recompute(args.recompute)
+    if args.time_to_quality:
+        args.argv = argv
+        time_to_quality(args)
+        return 0
     diffusers = import_diffusers()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on both
@@ -315,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch, "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
         "sample_steps": args.sample_steps, "peer_channels_last": args.peer_channels_last,
         "overrides": list(args.overrides), "memory_only": args.memory_only, "loader_only": args.loader_only,
+        "precision_ab": args.precision_ab,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "lightning": L.__version__,
                      "python": platform.python_version()},
         "presets": {},
@@ -323,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.loader_only:
             cfg = preset_config(preset, args)
             results["presets"][preset] = {"rows": [], "loader": loader_rows(cfg, build_module(cfg), args, fit)}
+        elif args.precision_ab:
+            cfg = preset_config(preset, args)
+            L.seed_everything(0, verbose=False)
+            results["presets"][preset] = {"rows": [], "precision": precision_rows(cfg, build_module(cfg), args, fit)}
         else:
             results["presets"][preset] = memory_rows(preset, args) if args.memory_only else bench_preset(preset, args)
         add_gains(results["presets"][preset])
@@ -350,7 +387,7 @@ def recompute(path: Path) -> int:
 
 def write(results: dict, out: Path) -> None:
     """The JSON (raw numbers included) and the table as Markdown beside it; the table printed."""
-    text = table(results) + loader_table(results)
+    text = table(results) + loader_table(results) + precision_table(results)
     print(text)
     header = (f"`{results['command']}`\n\n{results['device']}, {results['threads']} threads, "
               f"torch {results['versions']['torch']}, {results['date']}\n\n")

@@ -119,6 +119,29 @@ def reference_cache_name(reference: Tensor | ShardImages, extractor: str, weight
     return f"{label}-{c}x{h}x{w}-n{n}-{extractor}-{digest.hexdigest()[:24]}"
 
 
+def mmd2_unbiased(x: Tensor, y: Tensor) -> float:
+    """KID's statistic (Binkowski et al. 2018, eq. 3 of appendix B's estimator): the unbiased MMD^2 between
+    feature sets x (n, d) and y (m, d) under the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3."""
+    x, y = x.double(), y.double()
+    d, n, m = x.shape[1], len(x), len(y)
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    return ((k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1)) + (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+            - 2 * k_xy.mean()).item()
+
+
+def kid_standard_error(generated: Tensor, reference: Tensor, blocks: int = 10) -> float | None:
+    """The standard error of KID: the generated and the reference features each cut into `blocks` disjoint parts
+    (in their order: a fixed seed drew both), part b of one against part b of the other gives an unbiased KID
+    estimate independent of the others, so sd / sqrt(blocks). torch-fidelity's own `std` is the spread over
+    overlapping subsets, not an error of the mean. None below 2 images per part."""
+    n, m = len(generated) // blocks, len(reference) // blocks
+    if n < 2 or m < 2:
+        return None
+    estimates = torch.tensor([mmd2_unbiased(generated[b * n:(b + 1) * n], reference[b * m:(b + 1) * m])
+                              for b in range(blocks)])
+    return (estimates.std() / blocks**0.5).item()
+
+
 class FidelityMetrics:
     """FID/IS/KID of generated images against one reference set, with one feature extractor.
 
@@ -214,6 +237,8 @@ class FidelityMetrics:
                     value, std = out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
                 rows.append({"metric": metric, "value": float(value), "std": None if std is None else float(std),
                              "feature_extractor": self.described})
+                if metric == "kid":
+                    rows[-1]["se"] = kid_standard_error(ours[layer], theirs[layer])
         for metric, reason in self.unavailable.items():
             rows.append({"metric": metric, "value": None, "unavailable": reason, "feature_extractor": self.described})
         return rows
