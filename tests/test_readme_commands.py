@@ -1,7 +1,7 @@
-"""Every command README.md shows, run as the process a user starts, shrunk to seconds.
+"""Every command README.md and the manual (docs/*.md) show, run as the process a user starts, shrunk to seconds.
 
-The commands are read from README.md (and the notebooks) when the tests are collected, so a line added to the
-README is a test with no edit here. A command is a line of a fenced code block (a leading `$ ` prompt dropped)
+The commands are read from README.md, docs/*.md and the notebooks when the tests are collected, so a line added
+to any of them is a test with no edit here (a command written the same way on several pages runs once). A command is a line of a fenced code block (a leading `$ ` prompt dropped)
 that starts with `python train.py`, `python evaluate.py`, `python -m ddpmlab` or `make `; in a notebook, a `!`
 line or a line of a `%%bash` cell that does. Each is its own test id.
 
@@ -84,19 +84,26 @@ def _parse(lines: list[tuple[int, str]], name: str) -> list[Command]:
 
 
 def readme_commands() -> list[Command]:
-    lines, in_block = [], False
-    for number, text in enumerate((ROOT / "README.md").read_text().splitlines(), 1):
-        if text.lstrip().startswith("```"):
-            in_block = not in_block
-        elif in_block:
-            lines.append((number, text))
-    commands = _parse(lines, "README.md")
+    """Every command of README.md, of the manual's pages (docs/*.md) and of the notebooks; a command written the
+    same way in several places is run once, under its first place."""
+    commands = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines, in_block = [], False
+        for number, text in enumerate(page.read_text().splitlines(), 1):
+            if text.lstrip().startswith("```"):
+                in_block = not in_block
+            elif in_block:
+                lines.append((number, text))
+        commands += _parse(lines, str(page.relative_to(ROOT)))
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         for number, cell in enumerate(json.loads(notebook.read_text())["cells"], 1):
             source = "".join(cell["source"]).splitlines() if cell["cell_type"] == "code" else []
             shell = source[1:] if source[:1] == ["%%bash"] else [s[1:] for s in source if s.startswith("!")]
             commands += _parse([(number, s) for s in shell], f"{notebook.name} cell")
-    return commands
+    unique = {}
+    for command in commands:
+        unique.setdefault((command.line, command.exit_code, command.needs), command)
+    return list(unique.values())
 
 
 @dataclass
