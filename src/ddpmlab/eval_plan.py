@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
+from ddpmlab.diffusion.likelihood import TYPICAL_EVALUATIONS, cost_per_image
+from ddpmlab.diffusion.samplers import network_calls
 from ddpmlab.progress import duration, say
 
 
@@ -104,7 +106,11 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     share = fabric.world_size if device.type == "cuda" else 1  # CPU processes share the same cores
     cost, lines, images = Estimate(), [], [0]
     counts = {"nll": ("NLL (full bound)", T, f"all {T} t"),
-              "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
+              "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}"),
+              "nll_ode": ("NLL (ODE)", cost_per_image(cfg.nll_ode.probes),
+                          f"adaptive RK45 at rtol {cfg.nll_ode.rtol:g}, atol {cfg.nll_ode.atol:g}: about "
+                          f"{TYPICAL_EVALUATIONS} forward passes with {cfg.nll_ode.probes} backward each, counted "
+                          "as it runs")}
     for key, (name, calls, how) in counts.items():
         if key in cfg.metrics:
             data.setup("test")
@@ -115,11 +121,11 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     if fidelity is not None:
         images.append(cfg.num_samples)
         for name, steps in sampling_settings(cfg):
-            calls = steps or T
+            calls = network_calls(name, steps, T)
             cost.add(sampling_phase(name, steps), cfg.num_samples * calls, "network", share)
             cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
-            lines.append(f"samples: {cfg.num_samples} x {name}, {calls} steps ({cfg.num_samples * calls:,} network "
-                         f"calls), then their features")
+            lines.append(f"samples: {cfg.num_samples} x {name}, {steps or 'default'} steps ({calls} network calls "
+                         f"each, {cfg.num_samples * calls:,} in all), then their features")
         cached = fidelity.reference_cached
         if fidelity.reference_layers and not cached:
             cost.add("features (reference)", len(fidelity.reference), "features")
