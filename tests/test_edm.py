@@ -2,10 +2,14 @@
 against a quadrature of the closed form for Gaussian data, and a run through train.py's whole path."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy import integrate, stats
 
 from ddpmlab.checkpoints import load_checkpoint
@@ -13,10 +17,11 @@ from ddpmlab.diffusion.edm import EDMDiffusion
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
 from ddpmlab.evaluation import load_run
+from ddpmlab.hub import export_pipeline
 from ddpmlab.memory import step_bytes
 from ddpmlab.schema import TRAIN, TRAIN_CROSS, check
 from ddpmlab.training import train
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 from tests.test_karras import MU, S, exact_network
 
 EDM_SMOKE = ("experiment=smoke", "diffusion=edm", "callbacks.sample_grid.sampler=heun")
@@ -123,9 +128,32 @@ def test_an_edm_run_trains_logs_its_bound_resumes_and_its_checkpoint_rebuilds(tm
     assert checkpoint["config"]["diffusion"]["_target_"] == "ddpmlab.diffusion.edm.EDMDiffusion"
     model, diffusion, _ = load_run(str(ckpt), use_ema=True)
     assert isinstance(diffusion, EDMDiffusion) and diffusion.sigma_data == 0.5
+    with pytest.raises(ConfigError, match="an EDM network has no DDPMScheduler"):
+        export_pipeline(str(ckpt), tmp_path / "pipeline")
     cfg = compose_config(*EDM_SMOKE, f"ckpt_path={ckpt}", "trainer.max_steps=8", output_dir=tmp_path / "run")
     train(cfg)
     assert load_checkpoint(ckpt)["global_step"] == 8
     other = compose_config("experiment=smoke", f"ckpt_path={ckpt}", "trainer.max_steps=10", output_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match="would change what it was trained as: diffusion._target_"):
         train(other)
+
+
+@pytest.mark.slow
+def test_an_optuna_search_varies_edms_keys_and_its_best_command_repeats_an_edm_run(tmp_path):
+    """hparams_search=optuna_edm: 2 trials of the smoke run; each trial's overrides hold diffusion=edm and the
+    searched EDM keys, and the best run's printed command composes an EDM run with its values."""
+    argv = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna_edm", "experiment=smoke",
+            "trainer.max_steps=2", "val.num_images=8", "val.batch_size=8", "callbacks.sample_grid.num_samples=2",
+            "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in ("0", "1"):
+        overrides = OmegaConf.load(tmp_path / "sweep" / run / ".hydra" / "overrides.yaml")
+        assert "diffusion=edm" in overrides and any(o.startswith("diffusion.P_mean=") for o in overrides)
+        assert load_checkpoint(tmp_path / "sweep" / run / "checkpoints" / "last.ckpt")["config"]["diffusion"][
+            "_target_"] == "ddpmlab.diffusion.edm.EDMDiffusion"
+    command = next(line.strip() for line in done.stdout.splitlines() if line.strip().startswith("python train.py"))
+    cfg = compose_config(*command.split()[2:])
+    p_mean = float(next(o for o in command.split() if o.startswith("diffusion.P_mean=")).split("=")[1])
+    assert cfg.diffusion._target_.endswith("EDMDiffusion") and cfg.diffusion.P_mean == p_mean

@@ -293,3 +293,15 @@ def test_the_ode_likelihood_sits_beside_the_bound_and_one_and_two_processes_agre
     assert abs(two["nll_ode"]["network_calls"] - one["nll_ode"]["network_calls"]) <= 12  # a rejected step at most
     on_disk = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert {"nll", "nll_ode"} <= set(on_disk) and on_disk["nll_ode"]["rtol"] == 1e-4
+
+
+@pytest.mark.slow
+def test_edm_settings_sweep_as_a_multirun(trained, tmp_path):
+    """`python evaluate.py -m ... sampler=edm edm.S_churn=0,30`: one evaluation per value, each its own folder."""
+    done = run_evaluate("-m", f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid]",
+                        "feature_extractor=classifier", "num_samples=4", "sampler=edm", "sampling_steps=3",
+                        "edm.S_churn=0,30", "edm.S_tmax=10", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [torch.load(tmp_path / "sweep" / job / "samples.pt") for job in ("0", "1")]
+    assert not torch.equal(*samples)  # churn changed the samples
+    assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["results"][0]["network_calls"] == 5
