@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ddpmlab.diffusion.likelihood import TYPICAL_EVALUATIONS, cost_per_image
-from ddpmlab.diffusion.samplers import network_calls
+from ddpmlab.diffusion.samplers import default_steps, network_calls
 from ddpmlab.progress import duration, say
 
 
@@ -86,9 +86,15 @@ def probe_features(fidelity, shape: tuple[int, int, int], batch: int = 4) -> flo
 
 
 def sampling_settings(cfg) -> list[tuple[str, int | None]]:
-    """(sampler, steps) pairs to evaluate: `sampler` and `sampling_steps` may each be one value or a list."""
+    """(sampler, steps) pairs to evaluate: `sampler` and `sampling_steps` may each be one value or a list.
+
+    The ancestral sampler runs all T steps: in a sweep over several step counts it is one setting, all T (the
+    full chain's point of FID against network calls); given one other count alone, it is refused (check_steps)."""
     as_list = lambda v: list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]  # noqa: E731
-    return [(name, steps) for name in as_list(cfg.sampler) for steps in as_list(cfg.sampling_steps)]
+    steps = as_list(cfg.sampling_steps)
+    pairs = [(name, None if name == "ancestral" and len(steps) > 1 else count)
+             for name in as_list(cfg.sampler) for count in steps]
+    return list(dict.fromkeys(pairs))
 
 
 def sampling_phase(name: str, steps) -> str:
@@ -124,8 +130,8 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
             calls = network_calls(name, steps, T)
             cost.add(sampling_phase(name, steps), cfg.num_samples * calls, "network", share)
             cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
-            lines.append(f"samples: {cfg.num_samples} x {name}, {steps or 'default'} steps ({calls} network calls "
-                         f"each, {cfg.num_samples * calls:,} in all), then their features")
+            lines.append(f"samples: {cfg.num_samples} x {name}, {steps or default_steps(name, T)} steps "
+                         f"({cfg.num_samples * calls:,} network calls), then their features")
         cached = fidelity.reference_cached
         if fidelity.reference_layers and not cached:
             cost.add("features (reference)", len(fidelity.reference), "features")
