@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from ddpmlab.diffusion.likelihood import TYPICAL_EVALUATIONS, cost_per_image
+from ddpmlab.diffusion.denoisers import as_denoiser
+from ddpmlab.diffusion.likelihood import cost_per_image
 from ddpmlab.diffusion.samplers import default_steps, network_calls
 from ddpmlab.progress import duration, say
 
@@ -112,11 +113,13 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     share = fabric.world_size if device.type == "cuda" else 1  # CPU processes share the same cores
     cost, lines, images = Estimate(), [], [0]
     counts = {"nll": ("NLL (full bound)", T, f"all {T} t"),
-              "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}"),
-              "nll_ode": ("NLL (ODE)", cost_per_image(cfg.nll_ode.probes),
-                          f"adaptive RK45 at rtol {cfg.nll_ode.rtol:g}, atol {cfg.nll_ode.atol:g}: about "
-                          f"{TYPICAL_EVALUATIONS} forward passes with {cfg.nll_ode.probes} backward each, counted "
-                          "as it runs")}
+              "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
+    if "nll_ode" in cfg.metrics:
+        ode = as_denoiser(None, diffusion)
+        counts["nll_ode"] = ("NLL (ODE)", cost_per_image(ode, cfg.nll_ode.probes),
+                             f"adaptive RK45 at rtol {cfg.nll_ode.rtol:g}, atol {cfg.nll_ode.atol:g}: about "
+                             f"{ode.typical_ode_evaluations} forward passes with {cfg.nll_ode.probes} backward each, "
+                             "counted as it runs")
     for key, (name, calls, how) in counts.items():
         if key in cfg.metrics:
             data.setup("test")

@@ -140,7 +140,7 @@ def compute_nll_ode(fabric, cfg, model, diffusion, test_images: torch.Tensor, co
         return torch.stack([bits_per_dim(log_p, x[0].numel()), calls.double()], 1)
 
     rows = _per_example(fabric, n, cfg.batch_size, "NLL (ODE)", likelihood, (2,), torch.float64,
-                        calls=cost_per_image(settings.probes), cost=cost)
+                        calls=cost_per_image(denoiser, settings.probes), cost=cost)
     values, calls = rows[:, 0], rows[:, 1]
     return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
             "num_images": n, "network_calls": int(calls.sum()), "network_calls_per_image": calls.mean().item(),

@@ -39,14 +39,13 @@ B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
 SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0
 PROBES = ("rademacher", "gaussian")
-# Function evaluations per image, for evaluate.py's time estimate before the first batch has timed its own.
-TYPICAL_EVALUATIONS = 200
 
 
-def cost_per_image(probes: int) -> int:
-    """Network passes an image costs, for the estimate: TYPICAL_EVALUATIONS forward passes, each with `probes`
-    backward passes of about two forward passes' work."""
-    return TYPICAL_EVALUATIONS * (1 + 2 * probes)
+def cost_per_image(denoiser, probes: int) -> int:
+    """Network passes an image costs, for evaluate.py's estimate before a batch has timed itself: the denoiser's
+    typical function evaluations at rtol = atol = 1e-5, each one forward pass and `probes` backward passes of about
+    two forward passes' work."""
+    return denoiser.typical_ode_evaluations * (1 + 2 * probes)
 
 
 def _rms(x: Tensor) -> Tensor:
