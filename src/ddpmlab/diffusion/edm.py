@@ -60,6 +60,8 @@ class EDMDiffusion(nn.Module):
                 raise ConfigError(f"diffusion.{key} must be positive, got {value}")
         self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
         self.sigma_min, self.sigma_max, self.num_timesteps = sigma_min, sigma_max, strata
+        # follows .to(device) as GaussianDiffusion's tables do: a sampler draws its first noise where this is
+        self.register_buffer("sigma_range", torch.tensor([sigma_min, sigma_max]), persistent=False)
 
     def output_channels(self, channels: int) -> int:
         """The network outputs F, one value per pixel."""

@@ -117,7 +117,7 @@ def heun(model, diffusion, shape: tuple[int, ...], generator: Generator = None, 
     check_options(steps, rho, sigma_min, sigma_max)
     denoiser = as_denoiser(model, diffusion)
     sigmas = noise_levels(denoiser, steps, rho, sigma_min, sigma_max)
-    x = randn(shape, generator, _device(diffusion, model)) * sigmas[0]
+    x = randn(shape, generator, _device(diffusion)) * sigmas[0]
     return sample_heun(denoiser, x, sigmas, progress, on_step).clamp(-1.0, 1.0)
 
 
@@ -132,13 +132,11 @@ def edm(model, diffusion, shape: tuple[int, ...], generator: Generator = None, s
     check_options(steps, rho, sigma_min, sigma_max, S_churn, S_tmin, S_tmax, S_noise)
     denoiser = as_denoiser(model, diffusion)
     sigmas = noise_levels(denoiser, steps, rho, sigma_min, sigma_max)
-    x = randn(shape, generator, _device(diffusion, model)) * sigmas[0]
+    x = randn(shape, generator, _device(diffusion)) * sigmas[0]
     return sample_stochastic(denoiser, x, sigmas, generator, S_churn, S_tmin, S_tmax, S_noise, progress,
                              on_step).clamp(-1.0, 1.0)
 
 
-def _device(diffusion, model) -> torch.device:
-    """Where to draw the first noise: the diffusion's buffers' device, else the network's."""
-    for tensor in (*diffusion.buffers(), *(model.parameters() if hasattr(model, "parameters") else ())):
-        return tensor.device
-    return torch.device("cpu")
+def _device(diffusion) -> torch.device:
+    """Where to draw the first noise: the diffusion's tables' device (GaussianDiffusion's, EDMDiffusion's range)."""
+    return next(diffusion.buffers()).device
