@@ -114,6 +114,15 @@ def test_an_edm_run_has_a_grid_of_its_own_samplers(tmp_path):
     check(compose_config("experiment=edm_fashion_mnist", output_dir=tmp_path), TRAIN, TRAIN_CROSS)
 
 
+def test_the_schemas_edm_names_are_the_codes():
+    from ddpmlab import schema
+    from ddpmlab.diffusion.samplers import EDM_SAMPLERS
+
+    assert schema.EDM_SAMPLERS == EDM_SAMPLERS
+    assert schema.EDM_TARGET == f"{EDMDiffusion.__module__}.{EDMDiffusion.__qualname__}"
+    assert compose_config("diffusion=edm").diffusion._target_ == schema.EDM_TARGET
+
+
 def test_the_memory_check_measures_an_edm_step():
     edm, ddpm = step_bytes(compose_config("diffusion=edm")), step_bytes(compose_config())
     assert edm == ddpm  # the same U-Net, the same tensors per image: EDM changes the loss, not the network

@@ -79,10 +79,15 @@ def heun_moments(sigmas: list[float], churned=None, S_noise: float = 1.0) -> tup
     return m, v
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_the_adapter_is_the_exact_denoiser_at_every_trained_level(prediction):
-    diffusion = GaussianDiffusion(cosine_betas(200), prediction=prediction)
-    denoiser = DiscreteDenoiser(gaussian_oracle(diffusion, MU, S, prediction), diffusion, clip_denoised=False)
+@pytest.mark.parametrize(("prediction", "variance"), [("eps", "fixed_large"), ("x0", "fixed_large"),
+                                                      ("v", "fixed_large"), ("eps", "learned_range")])
+def test_the_adapter_is_the_exact_denoiser_at_every_trained_level(prediction, variance):
+    """Also for an iDDPM network, whose extra output channels (the variance) the denoiser leaves aside."""
+    learned = variance == "learned_range"
+    diffusion = GaussianDiffusion(cosine_betas(200), prediction=prediction, variance=variance,
+                                  loss="hybrid" if learned else "simple")
+    model = gaussian_oracle(diffusion, MU, S, prediction, variance_output=0.3 if learned else None)
+    denoiser = DiscreteDenoiser(model, diffusion, clip_denoised=False)
     alpha_bar = torch.cumprod(1 - diffusion.betas64, 0)
     x = torch.linspace(-3, 3, 7).view(7, 1, 1, 1)
     for i in (0, 1, 57, 150, 185):  # (at 199, sigma = 2e4: float32 cancellation in x_t's own eps -> x_0)
