@@ -73,10 +73,10 @@ CASES = [
      "error: checkpoint {run} is a folder, not a checkpoint file (the .ckpt files in it: checkpoints/"),
     ("evaluate_missing_checkpoint", "evaluate", "ckpt=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
     ("evaluate_unknown_metric", "evaluate", "ckpt={good} metrics=[fid,bogus]",
-     "error: metrics must be a list of one or more values, each one of nll, nll_estimate, fid, is, kid, "
+     "error: metrics must be a list of one or more values, each one of nll, nll_estimate, nll_ode, fid, is, kid, "
      "got ['fid', 'bogus']"),
-    ("evaluate_unknown_sampler", "evaluate", "ckpt={good} metrics=[fid] sampler=heun",
-     "error: sampler must be one of ancestral, respaced, ddim, dpm_solver or a list"),
+    ("evaluate_unknown_sampler", "evaluate", "ckpt={good} metrics=[fid] sampler=euler",
+     "error: sampler must be one of ancestral, respaced, ddim, dpm_solver, heun, edm or a list"),
     ("evaluate_steps_out_of_range", "evaluate", "ckpt={good} metrics=[fid] sampler=ddim sampling_steps=0",
      "error: sampling_steps must be a positive integer or a list"),
     ("evaluate_ancestral_with_fewer_steps", "evaluate", "ckpt={good} metrics=[fid] sampling_steps=10",
@@ -85,6 +85,29 @@ CASES = [
      "error: nll.num_images=999999 is outside 1..10000"),
     ("evaluate_too_few_samples", "evaluate", "ckpt={good} metrics=[fid] num_samples=1",
      "error: num_samples must be at least 2 for ['fid'], got 1"),
+    ("evaluate_edm_negative_churn", "evaluate", "ckpt={good} metrics=[fid] sampler=edm edm.S_churn=-1",
+     "error: edm.S_churn must be a number >= 0, got -1"),
+    ("evaluate_edm_zero_noise", "evaluate", "ckpt={good} metrics=[fid] sampler=edm edm.S_noise=0",
+     "error: edm.S_noise must be a positive number, got 0"),
+    ("evaluate_edm_zero_rho", "evaluate", "ckpt={good} metrics=[fid] sampler=heun edm.rho=0",
+     "error: edm.rho must be a positive number, got 0"),
+    ("evaluate_heun_zero_steps", "evaluate", "ckpt={good} metrics=[fid] sampler=heun sampling_steps=0",
+     "error: sampling_steps must be a positive integer or a list"),
+    ("evaluate_edm_sigma_range_upside_down", "evaluate", "ckpt={good} metrics=[fid] sampler=heun edm.sigma_min=100",
+     "error: edm.sigma_min must be below edm.sigma_max=80.0, got 100"),
+    ("evaluate_nll_ode_zero_rtol", "evaluate", "ckpt={good} metrics=[nll_ode] nll_ode.rtol=0",
+     "error: nll_ode.rtol must be a positive number, got 0"),
+    ("evaluate_nll_ode_negative_atol", "evaluate", "ckpt={good} metrics=[nll_ode] nll_ode.atol=-1e-5",
+     "error: nll_ode.atol must be a positive number, got -1e-05"),
+    ("evaluate_edm_sampler_outside_the_checkpoints_noise_levels", "evaluate",
+     "ckpt={good} metrics=[fid] sampler=heun edm.sigma_min=200 edm.sigma_max=300",
+     "error: the checkpoint's noise levels sigma in [0.01, 0.8"),
+    ("evaluate_ddpm_sampler_on_an_edm_checkpoint", "evaluate", "ckpt={edm} metrics=[fid] sampler=ddim sampling_steps=10",
+     "error: sampler=ddim is a discrete-time DDPM sampler, and this is an EDM checkpoint"),
+    ("evaluate_full_bound_of_an_edm_checkpoint", "evaluate", "ckpt={edm} metrics=[nll]",
+     "error: metrics=[nll] is the bound over the T steps of a discrete-time checkpoint, and this is an EDM checkpoint"),
+    ("edm_run_with_a_ddpm_sample_grid", "train", "diffusion=edm",
+     "error: callbacks.sample_grid.sampler must be one of heun, edm for diffusion=edm"),
 ]
 
 
@@ -95,7 +118,7 @@ def catalogue(tmp_path_factory):
     files = {"file": root / "a_file.txt", "empty": root / "empty", "images": root / "images",
              "corrupt": root / "corrupt.ckpt", "malicious": root / "malicious.ckpt", "other": root / "other.ckpt",
              "used": root / "used_run", "good": root / "good" / "checkpoints" / "last.ckpt", "run": root / "good",
-             "few": root / "few"}
+             "few": root / "few", "edm": root / "edm" / "checkpoints" / "last.ckpt"}
     files["file"].write_text("not a folder")
     files["empty"].mkdir()
     files["images"].mkdir()
@@ -117,6 +140,8 @@ def catalogue(tmp_path_factory):
     (files["used"] / "checkpoints").mkdir(parents=True)
     (files["used"] / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
     train(compose_config("experiment=smoke", output_dir=root / "good"))
+    train(compose_config("experiment=smoke", "diffusion=edm", "callbacks.sample_grid.sampler=heun", "val.num_images=0",
+                         "optimized_metric=null", output_dir=root / "edm"))
     before = _fingerprint(root)
 
     def run(case):

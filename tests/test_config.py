@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from ddpmlab.data import DiffusionDataModule
 from ddpmlab.diffusion import GaussianDiffusion
+from ddpmlab.diffusion.edm import EDMDiffusion
 from ddpmlab.models import UNet
 from ddpmlab.training import build_module, build_network
 from tests.conftest import ROOT, compose_config
@@ -39,8 +40,9 @@ def test_every_option_composes_and_instantiates(override, tmp_path):
     cfg = compose_config(override, *extra, output_dir=tmp_path)
     assert isinstance(instantiate(cfg.data), DiffusionDataModule)
     model, diffusion = build_network(cfg)
-    assert isinstance(model, UNet) and isinstance(diffusion, GaussianDiffusion)
-    assert diffusion.num_timesteps == cfg.schedule.timesteps
+    assert isinstance(model, UNet) and isinstance(diffusion, (GaussianDiffusion, EDMDiffusion))
+    if isinstance(diffusion, GaussianDiffusion):  # EDM's "timesteps" are strata of its noise distribution
+        assert diffusion.num_timesteps == cfg.schedule.timesteps
     for callback in cfg.callbacks.values():
         instantiate(callback)
     instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
@@ -96,6 +98,16 @@ def test_iddpm_recipe_is_the_papers():
     default = compose_config()
     assert (small.diffusion.variance, small.diffusion.loss) == ("learned_range", "hybrid")
     assert small.model == default.model and small.optim == default.optim and small.trainer == default.trainer
+
+
+def test_edm_recipe_is_the_default_runs_budget_with_karras_et_als_training():
+    """experiment=edm_fashion_mnist changes only the diffusion (Karras et al. 2022, Table 1) and the grid's sampler."""
+    edm, default = compose_config("experiment=edm_fashion_mnist"), compose_config()
+    assert (edm.diffusion.sigma_data, edm.diffusion.P_mean, edm.diffusion.P_std) == (0.5, -1.2, 1.2)
+    assert (edm.diffusion.sigma_min, edm.diffusion.sigma_max) == (0.002, 80.0)
+    for group in ("model", "optim", "trainer", "data", "val", "timestep_sampler"):
+        assert edm[group] == default[group], group
+    assert (edm.callbacks.sample_grid.sampler, edm.callbacks.sample_grid.sampling_steps) == ("heun", 18)
 
 
 def test_overrides_reach_the_objects(tmp_path):

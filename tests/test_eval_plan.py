@@ -86,3 +86,16 @@ def test_make_eval_takes_the_newest_train_run(tmp_path):
         done.stderr[-2000:]
     empty = make_eval(tmp_path / "nothing", tmp_path)
     assert empty.returncode == 2 and "ckpt=last: no run of task 'train' has a checkpoint" in empty.stderr
+
+
+def test_the_ancestral_chain_is_one_point_of_a_sweep_over_steps():
+    """sampler=[ancestral,heun] sampling_steps=[5,10]: the full chain once (all T), every other sampler at each count;
+    a single count other than T still goes to check_steps, which refuses it for ancestral."""
+    from omegaconf import OmegaConf
+
+    from ddpmlab.eval_plan import sampling_settings
+
+    sweep = OmegaConf.create({"sampler": ["ancestral", "heun"], "sampling_steps": [5, 10]})
+    assert sampling_settings(sweep) == [("ancestral", None), ("heun", 5), ("heun", 10)]
+    alone = OmegaConf.create({"sampler": ["ancestral", "heun"], "sampling_steps": 5})
+    assert sampling_settings(alone) == [("ancestral", 5), ("heun", 5)]

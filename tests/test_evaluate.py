@@ -231,3 +231,77 @@ def test_a_rank_that_raises_ends_the_ddp_evaluation_long_before_the_collective_t
     with pytest.raises(Exception, match="injected fault on rank 1"):
         evaluate(cfg)
     assert time.monotonic() - start < COLLECTIVE_TIMEOUT_S / 3
+
+
+@pytest.fixture(scope="module")
+def trained_edm(trained):
+    """An EDM smoke checkpoint (diffusion=edm, 6 steps) on the same small data."""
+    train(compose_config("experiment=smoke", "diffusion=edm", "callbacks.sample_grid.sampler=heun",
+                         output_dir=trained["root"] / "edm"))
+    return str(trained["root"] / "edm" / "checkpoints" / "last.ckpt")
+
+
+def test_fid_against_network_calls_has_a_curve_per_sampler_and_records_the_calls(trained, tmp_path):
+    common = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid]",
+              "feature_extractor=classifier", "num_samples=6"]
+    record = evaluate(compose_eval(*common, "sampler=[ddim,heun,edm]", "sampling_steps=[2,4]",
+                                   output_dir=tmp_path / "sweep"))
+    calls = {(r["sampler"], r["sampling_steps"]): r["network_calls"] for r in record["results"]}
+    assert calls == {("ddim", 2): 2, ("ddim", 4): 4, ("heun", 2): 3, ("heun", 4): 7, ("edm", 2): 3, ("edm", 4): 7}
+    assert (tmp_path / "sweep" / "metrics_vs_steps.png").stat().st_size > 1000
+    on_disk = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    assert all("network_calls" in row for row in on_disk["results"])
+    alone = evaluate(compose_eval(*common, "sampler=heun", "sampling_steps=4", output_dir=tmp_path / "one"))
+    assert torch.equal(torch.load(tmp_path / "sweep" / "samples_heun_4.pt"), torch.load(tmp_path / "one" / "samples.pt"))
+    assert alone["results"][0]["value"] == pytest.approx(
+        next(r["value"] for r in record["results"] if (r["sampler"], r["sampling_steps"]) == ("heun", 4)))
+
+
+def test_an_edm_checkpoint_gets_its_samplers_its_bound_and_the_ode_and_nothing_else(trained, trained_edm, tmp_path):
+    from ddpmlab.errors import ConfigError
+
+    common = [f"ckpt={trained_edm}", f"data_root={trained['data']}"]
+    record = evaluate(compose_eval(*common, "metrics=[nll_estimate,nll_ode,fid]", "nll_estimate.num_images=4",
+                                   "nll_ode.num_images=2", "nll_ode.rtol=1e-3", "nll_ode.atol=1e-3",
+                                   "feature_extractor=classifier", "num_samples=4", "sampler=[heun,edm]",
+                                   "sampling_steps=3", output_dir=tmp_path / "edm"))
+    rows = {(r["metric"], r.get("sampler")): r for r in record["results"]}
+    assert rows[("fid", "heun")]["network_calls"] == rows[("fid", "edm")]["network_calls"] == 5
+    assert 0 < rows[("nll_estimate (bits/dim)", None)]["value"] < 100
+    ode = record["nll_ode"]
+    assert 0 < ode["bpd"] < 100 and ode["num_images"] == 2 and ode["network_calls"] >= 2 * 8
+    assert (ode["sigma_min"], ode["sigma_max"], ode["prior_variance"]) == (0.002, 80.0, 6400.0)
+    for overrides, message in ((["metrics=[nll]"], "metrics=\\[nll\\] is the bound over the T steps"),
+                               (["metrics=[fid]", "sampler=ddim", "sampling_steps=3"],
+                                "sampler=ddim is a discrete-time DDPM sampler, and this is an EDM checkpoint")):
+        with pytest.raises(ConfigError, match=message):
+            evaluate(compose_eval(*common, *overrides, output_dir=tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_the_ode_likelihood_sits_beside_the_bound_and_one_and_two_processes_agree(trained, tmp_path):
+    """The same test images for both (nll.num_images = nll_ode.num_images: the same fixed subset); each image's
+    dequantisation, probes and adaptive steps are its own, so 2 processes give the 1-process numbers."""
+    common = [f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[nll,nll_ode]", "nll.num_images=3",
+              "nll_ode.num_images=3", "nll_ode.rtol=1e-4", "nll_ode.atol=1e-4", "trainer.accelerator=cpu"]
+    one = evaluate(compose_eval(*common, "trainer.devices=1", output_dir=tmp_path / "one"))
+    two = evaluate(compose_eval(*common, "trainer.devices=2", "batch_size=2", output_dir=tmp_path / "two"))
+    assert one["nll_ode"]["num_images"] == one["nll"]["num_images"] == 3
+    assert one["nll_ode"]["split"] == one["nll"]["split"] == "test"
+    assert two["nll_ode"]["bpd"] == pytest.approx(one["nll_ode"]["bpd"], abs=1e-3)
+    assert two["nll_ode"]["stderr"] == pytest.approx(one["nll_ode"]["stderr"], abs=1e-3)
+    assert abs(two["nll_ode"]["network_calls"] - one["nll_ode"]["network_calls"]) <= 12  # a rejected step at most
+    on_disk = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert {"nll", "nll_ode"} <= set(on_disk) and on_disk["nll_ode"]["rtol"] == 1e-4
+
+
+@pytest.mark.slow
+def test_edm_settings_sweep_as_a_multirun(trained, tmp_path):
+    """`python evaluate.py -m ... sampler=edm edm.S_churn=0,30`: one evaluation per value, each its own folder."""
+    done = run_evaluate("-m", f"ckpt={trained['ckpt']}", f"data_root={trained['data']}", "metrics=[fid]",
+                        "feature_extractor=classifier", "num_samples=4", "sampler=edm", "sampling_steps=3",
+                        "edm.S_churn=0,30", "edm.S_tmax=10", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [torch.load(tmp_path / "sweep" / job / "samples.pt") for job in ("0", "1")]
+    assert not torch.equal(*samples)  # churn changed the samples
+    assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["results"][0]["network_calls"] == 5

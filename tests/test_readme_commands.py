@@ -19,7 +19,8 @@ placeholder (`ckpt=...`, `<run>`, `PATH`) gets a file made once per session:
                 command's own folder, where `ckpt_path=last` finds a copy of the shared run.
   evaluate.py   the shared smoke checkpoint, data_root = a Fashion-MNIST-format folder of 256 train / 16 test
                 images (classifier, Inception conversion and reference statistics are made there once),
-                num_samples=6, reference_images=16, nll.num_images=2, nll_estimate.num_images=4 with 2 t each.
+                num_samples=6, reference_images=16, nll.num_images=2, nll_estimate.num_images=4 with 2 t each,
+                nll_ode.num_images=2.
   python -m ddpmlab.models.classifier   --root (the small data) --epochs 1.
   python -m ddpmlab.bench               one round of everything at batch 2 (flags before any `--`).
   make train    make -C <repo> -o .venv/.installed-stamp train ARGS="<train.py's shrinking>": `-o` keeps a test
@@ -60,7 +61,7 @@ PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|^[A-Z][A-Z_]+$")
 TRAIN_SHRINK = ["data.batch_size=4", "callbacks.sample_grid=null"]
 SHARED_STEPS = 2  # the shared checkpoint's steps; a resume trains 2 more
 EVAL_SHRINK = ["num_samples=6", "reference_images=16", "nll.num_images=2", "nll_estimate.num_images=4",
-               "nll_estimate.timesteps=2"]
+               "nll_estimate.timesteps=2", "nll_ode.num_images=2"]
 MAKE_TEST_ARGS = "tests/test_schedules.py -q -p no:cacheprovider"
 
 

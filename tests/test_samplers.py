@@ -184,7 +184,7 @@ def test_sampler_steps_out_of_range_are_refused():
         with pytest.raises(ConfigError, match="sampling_steps"):
             get_sampler(sampler)(model, diffusion, (2, 1, 1, 1), torch.Generator(), steps=steps)
     with pytest.raises(ConfigError, match="unknown"):
-        get_sampler("heun")
+        get_sampler("euler")
 
 
 @pytest.mark.parametrize("sampler", ["respaced", "ddim", "dpm_solver"])

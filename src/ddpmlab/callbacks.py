@@ -14,10 +14,12 @@ import torchvision
 
 from ddpmlab.data import evaluation_subset, to_model_range
 from ddpmlab.diffusion import get_sampler
+from ddpmlab.diffusion.edm import EDMDiffusion
+from ddpmlab.diffusion.samplers import default_steps
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
 from ddpmlab.loggers import log_final, log_image
-from ddpmlab.plots import plot_loss_curves, plot_schedule, read_curves
+from ddpmlab.plots import plot_loss_curves, plot_noise_distribution, plot_schedule, read_curves
 from ddpmlab.progress import in_terminal
 
 
@@ -46,6 +48,7 @@ class SampleGrid(L.Callback):
         self.strip_rows, self.strip_columns = strip_rows, strip_columns
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.sampler, self.sampling_steps, self.seed = get_sampler(sampler), sampling_steps, seed
+        self.sampler_name = sampler
 
     def sample(self, pl_module, shape: tuple[int, ...], rank: int = 0, world_size: int = 1,
                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,11 +58,11 @@ class SampleGrid(L.Callback):
         n = -(-shape[0] // world_size)
         noise = ExampleNoise(range(rank, rank + n * world_size, world_size), self.seed, pl_module.device)
         rows = min(n, -(-self.strip_rows // world_size))
-        steps = self.sampling_steps or pl_module.diffusion.num_timesteps
+        steps = self.sampling_steps or default_steps(self.sampler_name, pl_module.diffusion.num_timesteps)
         keep = {round(j * (steps - 1) / max(1, self.strip_columns - 1)) for j in range(self.strip_columns)}
         frames = []
 
-        def record(i, x):
+        def record(i, x, x_0=None):
             if i in keep:
                 frames.append(x[:rows].clamp(-1, 1))
 
@@ -286,8 +289,9 @@ def resume_hint(last: Path) -> str:
 
 
 class RunPlots(L.Callback):
-    """`schedule.png` (alpha-bar and SNR of the run's betas) when training starts, and `loss_curve.png` from the
-    CSV log when it ends, in the run folder: what a user without wandb looks at first."""
+    """`schedule.png` (alpha-bar and SNR of the run's betas; for diffusion=edm, its training noise distribution and
+    loss weight) when training starts, and `loss_curve.png` from the CSV log when it ends, in the run folder: what a
+    user without wandb looks at first."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
@@ -296,8 +300,11 @@ class RunPlots(L.Callback):
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             diffusion = pl_module.diffusion
-            plot_schedule(diffusion.betas64, self.dirpath / "schedule.png",
-                          f"beta schedule, T={diffusion.num_timesteps}")
+            if isinstance(diffusion, EDMDiffusion):
+                plot_noise_distribution(diffusion, self.dirpath / "schedule.png")
+            else:
+                plot_schedule(diffusion.betas64, self.dirpath / "schedule.png",
+                              f"beta schedule, T={diffusion.num_timesteps}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         for logger in trainer.loggers:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
+from ddpmlab.diffusion.denoisers import as_denoiser
+from ddpmlab.diffusion.likelihood import cost_per_image
+from ddpmlab.diffusion.samplers import default_steps, network_calls
 from ddpmlab.progress import duration, say
 
 
@@ -84,9 +87,15 @@ def probe_features(fidelity, shape: tuple[int, int, int], batch: int = 4) -> flo
 
 
 def sampling_settings(cfg) -> list[tuple[str, int | None]]:
-    """(sampler, steps) pairs to evaluate: `sampler` and `sampling_steps` may each be one value or a list."""
+    """(sampler, steps) pairs to evaluate: `sampler` and `sampling_steps` may each be one value or a list.
+
+    The ancestral sampler runs all T steps: in a sweep over several step counts it is one setting, all T (the
+    full chain's point of FID against network calls); given one other count alone, it is refused (check_steps)."""
     as_list = lambda v: list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]  # noqa: E731
-    return [(name, steps) for name in as_list(cfg.sampler) for steps in as_list(cfg.sampling_steps)]
+    steps = as_list(cfg.sampling_steps)
+    pairs = [(name, None if name == "ancestral" and len(steps) > 1 else count)
+             for name in as_list(cfg.sampler) for count in steps]
+    return list(dict.fromkeys(pairs))
 
 
 def sampling_phase(name: str, steps) -> str:
@@ -105,6 +114,12 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     cost, lines, images = Estimate(), [], [0]
     counts = {"nll": ("NLL (full bound)", T, f"all {T} t"),
               "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
+    if "nll_ode" in cfg.metrics:
+        ode = as_denoiser(None, diffusion)
+        counts["nll_ode"] = ("NLL (ODE)", cost_per_image(ode, cfg.nll_ode.probes),
+                             f"adaptive RK45 at rtol {cfg.nll_ode.rtol:g}, atol {cfg.nll_ode.atol:g}: about "
+                             f"{ode.typical_ode_evaluations} forward passes with {cfg.nll_ode.probes} backward each, "
+                             "counted as it runs")
     for key, (name, calls, how) in counts.items():
         if key in cfg.metrics:
             data.setup("test")
@@ -115,11 +130,11 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     if fidelity is not None:
         images.append(cfg.num_samples)
         for name, steps in sampling_settings(cfg):
-            calls = steps or T
+            calls = network_calls(name, steps, T)
             cost.add(sampling_phase(name, steps), cfg.num_samples * calls, "network", share)
             cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
-            lines.append(f"samples: {cfg.num_samples} x {name}, {calls} steps ({cfg.num_samples * calls:,} network "
-                         f"calls), then their features")
+            lines.append(f"samples: {cfg.num_samples} x {name}, {steps or default_steps(name, T)} steps "
+                         f"({cfg.num_samples * calls:,} network calls), then their features")
         cached = fidelity.reference_cached
         if fidelity.reference_layers and not cached:
             cost.add("features (reference)", len(fidelity.reference), "features")

@@ -5,6 +5,7 @@ process takes the indices rank, rank + N, ...; results are gathered by index, so
 """
 
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -18,7 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.data import NO_HELD_OUT, evaluation_subset, to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
-from ddpmlab.diffusion.samplers import check_steps
+from ddpmlab.diffusion.denoisers import as_denoiser
+from ddpmlab.diffusion.edm import EDMDiffusion
+from ddpmlab.diffusion.likelihood import bits_per_dim, cost_per_image, dequantize, ode_log_likelihood
+from ddpmlab.diffusion.samplers import EDM_SAMPLERS, SAMPLERS, check_sampler, network_calls
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
 from ddpmlab.eval_plan import Estimate, plan, sampling_phase, sampling_settings
@@ -27,7 +31,7 @@ from ddpmlab.progress import track
 from ddpmlab.resume import check_matches, resolve_last
 from ddpmlab.training import build, build_network
 
-METRICS = ("nll", "nll_estimate", "fid", "is", "kid")
+METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid")
 SAMPLE_METRICS = ("fid", "is", "kid")
 TRAIN_TASK = "train"  # ckpt=last: the newest run of train.py's default task (runs/train/*, as `make train` writes)
 
@@ -131,11 +135,45 @@ def sampling_bf16(cfg, device: torch.device) -> bool:
 
 def sampling_autocast(cfg, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=sampling_bf16(cfg, device))
+def compute_nll_ode(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
+    """The exact likelihood through the probability-flow ODE (ddpmlab.diffusion.likelihood) of cfg.nll_ode.num_images
+    test images (data.evaluation_subset), each dequantised uniformly in its pixels' bins, in bits/dim with its
+    stderr and the network calls it took. Image i's dequantisation and probes come from (cfg.seed + 2, i) alone and
+    its adaptive steps from its own error, so any batch size and process count give the same numbers."""
+    test_images = evaluation_subset(test_images, cfg.nll_ode.num_images)
+    n, settings = len(test_images), cfg.nll_ode
+    denoiser = as_denoiser(model, diffusion, clip_denoised=False)  # the ODE of the network itself
+
+    def likelihood(idx):  # -> (B, 2): bits/dim, network calls
+        noise = ExampleNoise(idx, cfg.seed + 2, fabric.device)
+        x = dequantize(test_images[idx].to(fabric.device), noise)
+        log_p, calls = ode_log_likelihood(denoiser, x, noise, settings.rtol, settings.atol, settings.probes,
+                                          settings.probe)
+        return torch.stack([bits_per_dim(log_p, x[0].numel()), calls.double()], 1)
+
+    rows = _per_example(fabric, n, cfg.batch_size, "NLL (ODE)", likelihood, (2,), torch.float64,
+                        calls=cost_per_image(denoiser, settings.probes), cost=cost)
+    values, calls = rows[:, 0], rows[:, 1]
+    return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
+            "num_images": n, "network_calls": int(calls.sum()), "network_calls_per_image": calls.mean().item(),
+            "backward_passes_per_call": settings.probes, "rtol": settings.rtol, "atol": settings.atol,
+            "probe": settings.probe, "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max,
+            "prior_variance": denoiser.prior_variance}
+
+
+def sampler_options(cfg, name: str) -> dict:
+    """The eval config's settings for sampler `name`: DDIM's eta, EDM's samplers' edm.* block."""
+    if name == "ddim":
+        return {"eta": cfg.eta}
+    if name in EDM_SAMPLERS:
+        takes = inspect.signature(SAMPLERS[name]).parameters
+        return {key: value for key, value in cfg.edm.items() if key in takes}
+    return {}
 
 
 def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps, cost=None) -> torch.Tensor:
     """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
-    sampler = get_sampler(name, **({"eta": cfg.eta} if name == "ddim" else {}))
+    sampler = get_sampler(name, **sampler_options(cfg, name))
 
     def sample(idx):
         noise = ExampleNoise(idx, cfg.seed, fabric.device)
@@ -143,7 +181,7 @@ def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: s
             return to_uint8(sampler(model, diffusion, (len(idx), *shape), noise, steps=steps))
 
     return _per_example(fabric, cfg.num_samples, cfg.batch_size, sampling_phase(name, steps), sample, shape,
-                        torch.uint8, calls=steps or diffusion.num_timesteps, cost=cost).cpu()
+                        torch.uint8, calls=network_calls(name, steps, diffusion.num_timesteps), cost=cost).cpu()
 
 
 def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimate | None = None) -> dict | None:
@@ -156,9 +194,9 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
     optimize_network(model, *performance_settings(cfg.get("performance"), fabric.device.type == "cuda"))
     data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
     results, timings = {"settings": []}, {}
-    if {"nll", "nll_estimate"} & set(cfg.metrics):
+    if {"nll", "nll_estimate", "nll_ode"} & set(cfg.metrics):
         data.setup("test")
-        for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate)):
+        for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate), ("nll_ode", compute_nll_ode)):
             if metric in cfg.metrics:
                 start = time.perf_counter()
                 results[metric] = fn(fabric, cfg, model, diffusion, data.test_images, cost)
@@ -170,7 +208,8 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
             samples = generate(fabric, cfg, model, diffusion, shape, name, steps, cost)
             results["settings"].append({"sampler": name, "sampling_steps": steps, "samples": samples,
                                         "sampling_seconds": time.perf_counter() - start,
-                                        "precision": "bf16" if sampling_bf16(cfg, fabric.device) else "fp32"})
+                                        "precision": "bf16" if sampling_bf16(cfg, fabric.device) else "fp32",
+                                        "network_calls": network_calls(name, steps, diffusion.num_timesteps)})
     if fabric.global_rank != 0:
         return None
     results["timings"], results["train_cfg"] = timings, OmegaConf.to_container(train_cfg)
@@ -238,10 +277,10 @@ def evaluate(cfg: DictConfig) -> dict:
     run = load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
     data = build(run[2].data, **({"root": cfg.data_root} if cfg.data_root else {}))
     _check_counts(cfg, data)
+    _check_applies(cfg, run[1])
     if set(SAMPLE_METRICS) & set(cfg.metrics):
         for name, steps in sampling_settings(cfg):
-            get_sampler(name)
-            check_steps(name, steps, run[1].num_timesteps)
+            check_sampler(name, steps, run[1], sampler_options(cfg, name))
     devices = cfg.trainer.devices
     strategy = "ddp_spawn" if devices not in (1, "1", "auto") else "auto"
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
@@ -258,11 +297,23 @@ def evaluate(cfg: DictConfig) -> dict:
     return write_results(cfg, results)
 
 
+def _check_applies(cfg, diffusion) -> None:
+    """What an EDM checkpoint has not: the full bound over T discrete steps (its bound is nll_estimate's continuous
+    one); and what the ODE needs (a prediction readable between trained steps)."""
+    if "nll" in cfg.metrics and isinstance(diffusion, EDMDiffusion):
+        raise ConfigError("metrics=[nll] is the bound over the T steps of a discrete-time checkpoint, and this is an EDM "
+                          "checkpoint (a continuous sigma): use metrics=[nll_estimate] (its continuous-time bound) or "
+                          "metrics=[nll_ode] (the exact likelihood)")
+    if "nll_ode" in cfg.metrics:
+        as_denoiser(None, diffusion, clip_denoised=False).check_between_levels()
+
+
 def _check_counts(cfg, data) -> None:
     """Sample and image counts that cannot be honoured fail here, in the main process, before any work."""
     if not (isinstance(cfg.num_samples, int) and cfg.num_samples > 0):
         raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples!r}")
-    wanted = {key: cfg[key].num_images for key in ("nll", "nll_estimate") if key in cfg.metrics and cfg[key].num_images}
+    wanted = {key: cfg[key].num_images for key in ("nll", "nll_estimate", "nll_ode")
+              if key in cfg.metrics and cfg[key].num_images}
     if wanted:
         data.setup("test")
         for key, n in wanted.items():
@@ -273,14 +324,16 @@ def _check_counts(cfg, data) -> None:
 
 def _rows(cfg, results: dict, split: str) -> list[dict]:
     rows = []
-    for metric in ("nll", "nll_estimate"):
+    for metric in ("nll", "nll_estimate", "nll_ode"):
         if metric in results:
             r = results[metric]
             rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
-                         "test_images": r["num_images"], "split": split, "seconds": results["timings"][metric]})
+                         "test_images": r["num_images"], "split": split, "seconds": results["timings"][metric],
+                         **({"network_calls": r["network_calls"]} if "network_calls" in r else {})})
     for setting in results["settings"]:
         common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"],
-                  "sampling_precision": setting.get("precision", "fp32")}
+                  "sampling_precision": setting.get("precision", "fp32"),
+                  "network_calls": setting["network_calls"]}
         rows += [{**row, **common, "seconds": row["seconds"] + setting["sampling_seconds"]} for row in setting["rows"]]
     return rows
 
@@ -304,6 +357,8 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
         record["nll"]["terms_bpd"] = results["nll"]["terms_bpd"]
         record["nll"]["split"] = split
         _plot_terms(results["nll"], out / "nll_per_t.png")
+    if "nll_ode" in results:  # beside the bound: the exact likelihood of the same model through its ODE
+        record["nll_ode"] = {**results["nll_ode"], "split": split}
     settings = results["settings"]
     for setting in settings:
         # one setting: samples.png / samples.pt; a sweep: samples_<sampler>_<steps>.png / .pt per setting
@@ -354,7 +409,8 @@ def _plot_terms(nll: dict, path: Path) -> None:
 
 
 def _plot_against_steps(rows: list[dict], path: Path) -> None:
-    """FID (and each other sample metric) against the number of sampling steps, one line per sampler."""
+    """FID (and each other sample metric) against the network calls per sample, one line per sampler: the steps
+    themselves for the DDPM samplers, 2N - 1 for EDM's N-step Heun samplers, T for the full ancestral chain."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,14 +420,15 @@ def _plot_against_steps(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for sampler in dict.fromkeys(r["sampler"] for r in rows if "sampler" in r):
-            points = sorted((r["sampling_steps"] or 0, r["value"]) for r in rows
+            points = sorted((r["network_calls"], r["value"]) for r in rows
                             if r["metric"] == metric and r.get("sampler") == sampler and r["value"] is not None)
             ax.plot(*zip(*points), marker="o", label=sampler)
         ax.set_xscale("log")
-        steps = sorted({r["sampling_steps"] or 0 for r in rows if r["metric"] == metric})
-        ax.set_xticks(steps, [str(s) for s in steps])
+        calls = sorted({r["network_calls"] for r in rows if r["metric"] == metric})
+        ticks = [c for i, c in enumerate(calls) if i == 0 or c > 1.2 * calls[i - 1]]  # 9 and 10: one label
+        ax.set_xticks(ticks, [str(c) for c in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("sampling steps (network evaluations)")
+        ax.set_xlabel("network calls per sample")
         ax.set_ylabel(metric.upper())
         ax.legend()
     fig.suptitle(f"{rows[-1]['samples']} samples per point; features: {rows[-1].get('feature_extractor', '')}",
@@ -390,7 +447,7 @@ def _print_table(rows: list[dict]) -> None:
         std = "" if error is None else f"{error:.4f}"
         details = row.get("unavailable") or ", ".join(
             f"{k}={row[k]}" for k in ("test_images", "split", "samples", "reference_images", "sampler",
-                                      "sampling_steps", "feature_extractor")
+                                      "sampling_steps", "network_calls", "feature_extractor")
             if k in row)
         print(f"{row['metric']:<22}{value:>12}{std:>10}  {details}, {row['seconds']:.1f}s")
     if any(row.get("split") == NO_HELD_OUT for row in rows):

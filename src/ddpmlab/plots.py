@@ -1,6 +1,7 @@
 """Plots a person would rather look at than read, saved as PNG next to the results (no wandb needed)."""
 
 import csv
+import math
 from pathlib import Path
 
 
@@ -87,6 +88,31 @@ def plot_objective(points: list[tuple[int, float]], direction: str, path: Path, 
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_noise_distribution(diffusion, path: Path) -> None:
+    """An EDM run's training noise: the density of ln sigma ~ N(P_mean, P_std^2) against sigma, with the loss weight
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, Table 1) and the samplers'
+    range [sigma_min, sigma_max]."""
+    import torch
+
+    plt = _pyplot()
+    sigma = torch.logspace(math.log10(diffusion.sigma_min) - 0.5, math.log10(diffusion.sigma_max) + 0.5, 400)
+    weight = (sigma**2 + diffusion.sigma_data**2) / (sigma * diffusion.sigma_data) ** 2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.semilogx(sigma, diffusion.lognormal_density(sigma))
+    left.set_xlabel("sigma")
+    left.set_ylabel("density of ln sigma")
+    right.loglog(sigma, weight)
+    right.set_xlabel("sigma")
+    right.set_ylabel("loss weight lambda(sigma)")
+    for ax in (left, right):
+        ax.axvspan(diffusion.sigma_min, diffusion.sigma_max, color="0.9", zorder=0)
+    fig.suptitle(f"EDM: ln sigma ~ N({diffusion.P_mean:g}, {diffusion.P_std:g}^2), sigma_data = "
+                 f"{diffusion.sigma_data:g}; shaded: sigma_min..sigma_max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,8 +41,11 @@ from omegaconf.errors import OmegaConfBaseException
 from ddpmlab.errors import ConfigError
 
 OPEN = ("trainer.", "callbacks.", "logger.")  # extra keys go to Lightning's classes, which check them
-SAMPLERS = ("ancestral", "respaced", "ddim", "dpm_solver")  # ddpmlab.diffusion.samplers.SAMPLERS (tested equal)
-METRICS = ("nll", "nll_estimate", "fid", "is", "kid")  # ddpmlab.evaluation.METRICS (tested equal)
+# ddpmlab.diffusion.samplers.SAMPLERS (tested equal)
+SAMPLERS = ("ancestral", "respaced", "ddim", "dpm_solver", "heun", "edm")
+EDM_SAMPLERS = ("heun", "edm")  # ddpmlab.diffusion.samplers.EDM_SAMPLERS: the only ones a diffusion=edm run has
+EDM_TARGET = "ddpmlab.diffusion.edm.EDMDiffusion"  # conf/diffusion/edm.yaml
+METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid")  # ddpmlab.evaluation.METRICS (tested equal)
 # Training images of the built-in datasets: a batch larger than its dataset is refused (the sampler would
 # silently shrink it to the dataset).
 DATASET_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}
@@ -226,6 +229,12 @@ TRAIN: dict[str, Rule] = {
     "diffusion.vlb_weight": number(0, above=True),
     "diffusion.loss_weighting": choice("none", "min_snr"),
     "diffusion.min_snr_gamma": number(0, above=True),
+    "diffusion.sigma_data": number(0, above=True, fix="EDM uses 0.5"),  # diffusion=edm (EDMDiffusion)
+    "diffusion.P_mean": number(),
+    "diffusion.P_std": number(0, above=True, fix="EDM uses 1.2"),
+    "diffusion.sigma_min": number(0, above=True, fix="EDM uses 0.002"),
+    "diffusion.sigma_max": number(0, above=True, fix="EDM uses 80"),
+    "diffusion.strata": integer(1),
     "timestep_sampler._target_": text(),
     "timestep_sampler.history": integer(1),
     "timestep_sampler.uniform_prob": number(0, 1),
@@ -297,10 +306,22 @@ EVAL: dict[str, Rule] = {
     "sampling_steps": either(integer(1), list_of(integer(1), min_length=1), null=True, fix="null: all T steps"),
     "eta": number(0, 1),  # 0: deterministic DDIM, 1: DDPM's stochasticity
     "precision": choice("auto", "fp32", "bf16"),
+    "edm.rho": number(0, above=True, fix="EDM uses 7"),  # sampler=heun and edm (Karras et al. 2022)
+    "edm.sigma_min": number(0, above=True, fix="EDM uses 0.002"),
+    "edm.sigma_max": number(0, above=True, fix="EDM uses 80"),
+    "edm.S_churn": number(0, fix="0 is deterministic (Algorithm 1); EDM's VP setting is 30"),
+    "edm.S_tmin": number(0),
+    "edm.S_tmax": number(0),
+    "edm.S_noise": number(0, above=True, fix="EDM uses 1.003 to 1.007"),
     "nll.num_images": integer(1, null=True, fix="null: the whole test split"),
     "nll.clip_denoised": flag(),
     "nll_estimate.num_images": integer(1, null=True, fix="null: the whole test split"),
     "nll_estimate.timesteps": integer(1),
+    "nll_ode.num_images": integer(1, null=True, fix="null: the whole test split"),
+    "nll_ode.rtol": number(0, above=True, fix="Song et al. use 1e-5"),
+    "nll_ode.atol": number(0, above=True, fix="Song et al. use 1e-5"),
+    "nll_ode.probes": integer(1),
+    "nll_ode.probe": choice("rademacher", "gaussian"),
     "feature_extractor": choice("inception", "classifier"),
     "inception_weights": path(fix="auto, fid-helper, download or a .pth path"),
     "kid_subset_size": integer(2),
@@ -444,7 +465,7 @@ def _sample_grid_steps(cfg) -> None:
     if grid.sampler == "ancestral" and steps not in (None, T):
         raise problem(key, steps, f"null or T={T} for the ancestral sampler (it runs every step)",
                       f"set {key}=null, or callbacks.sample_grid.sampler=respaced for fewer steps")
-    if steps is not None and steps > T:
+    if steps is not None and steps > T and grid.sampler not in EDM_SAMPLERS:  # theirs may repeat a level
         raise problem(key, steps, f"at most schedule.timesteps={T}",
                       f"set {key}={T} (or fewer), or {key}=null for all T steps")
 
@@ -492,8 +513,31 @@ def _sample_metrics_need_samples(cfg) -> None:
                       "papers' count) or fewer for a quick look")
 
 
-TRAIN_CROSS = (_sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops)
-EVAL_CROSS = (_sample_metrics_need_samples,)
+def _edm_noise_range(cfg) -> None:
+    """EDM's noise levels (a diffusion=edm run's, evaluate.py's EDM samplers') go from sigma_min up to sigma_max."""
+    for prefix in ("diffusion", "edm"):
+        low, high = OmegaConf.select(cfg, f"{prefix}.sigma_min"), OmegaConf.select(cfg, f"{prefix}.sigma_max")
+        if low is not None and high is not None and not low < high:
+            raise problem(f"{prefix}.sigma_min", low, f"below {prefix}.sigma_max={high}",
+                          f"EDM uses {prefix}.sigma_min=0.002 {prefix}.sigma_max=80")
+    low, high = OmegaConf.select(cfg, "edm.S_tmin"), OmegaConf.select(cfg, "edm.S_tmax")
+    if low is not None and high is not None and not low <= high:
+        raise problem("edm.S_tmin", low, f"at most edm.S_tmax={high}", "churn acts on sigma in [S_tmin, S_tmax]")
+
+
+def _edm_grid_sampler(cfg) -> None:
+    """An EDM run's sample grid needs one of EDM's samplers: found at the first grid, after training, otherwise."""
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid")
+    if grid and cfg.diffusion.get("_target_") == EDM_TARGET and grid.sampler not in EDM_SAMPLERS:
+        raise problem("callbacks.sample_grid.sampler", grid.sampler, f"one of {', '.join(EDM_SAMPLERS)} for "
+                      "diffusion=edm (a continuous sigma has no DDPM steps)",
+                      "add callbacks.sample_grid.sampler=heun callbacks.sample_grid.sampling_steps=18, or train "
+                      "experiment=edm_fashion_mnist")
+
+
+TRAIN_CROSS = (_edm_grid_sampler, _sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops,
+               _edm_noise_range)
+EVAL_CROSS = (_sample_metrics_need_samples, _edm_noise_range)
 
 
 def check_machine(trainer: DictConfig, key: str = "trainer") -> None:

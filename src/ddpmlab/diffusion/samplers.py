@@ -3,15 +3,19 @@
 `get_sampler(name, **options)` maps the names used by configs (`sampler=...`) to the functions.
 `generator` is one torch.Generator, or an ExampleNoise (noise.py): per-example streams, for batch-independent results.
 `on_step(i, x)`, if given, sees the state after each step i = K-1 .. 0 (a denoising strip, a notebook's plot).
+`heun` and `edm` are Karras et al. 2022's samplers (ddpmlab.diffusion.karras); they alone apply to an EDM checkpoint,
+and `network_calls` says what each sampler costs.
 """
 
 import functools
+import inspect
 import math
 
 import torch
 from torch import Tensor
 from ddpmlab.progress import track
 
+from ddpmlab.diffusion import karras
 from ddpmlab.diffusion.gaussian import GaussianDiffusion, _gather
 from ddpmlab.diffusion.noise import Generator, randn
 from ddpmlab.errors import ConfigError
@@ -110,7 +114,9 @@ def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gene
     return x.clamp(-1.0, 1.0)
 
 
-SAMPLERS = {"ancestral": ancestral, "respaced": respaced, "ddim": ddim, "dpm_solver": dpm_solver}
+SAMPLERS = {"ancestral": ancestral, "respaced": respaced, "ddim": ddim, "dpm_solver": dpm_solver,
+            "heun": karras.heun, "edm": karras.edm}
+EDM_SAMPLERS = ("heun", "edm")  # the samplers of a continuous sigma: the only ones an EDM checkpoint has
 
 
 def check_steps(name: str, steps, num_timesteps: int) -> None:
@@ -122,6 +128,42 @@ def check_steps(name: str, steps, num_timesteps: int) -> None:
         )
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps):
         raise ConfigError(f"sampling_steps={steps!r} must be an integer between 1 and T={num_timesteps}")
+
+
+def default_steps(name: str, T: int) -> int:
+    """The steps sampler `name` takes for sampling_steps=null: all T, or Karras et al.'s 18 for EDM's."""
+    return karras.DEFAULT_STEPS if name in EDM_SAMPLERS else T
+
+
+def network_calls(name: str, steps: int | None, T: int | None) -> int:
+    """Network evaluations per sample of sampler `name` with `steps` (None: its default) on a T-step diffusion:
+    T for the full chain, K for the K-step DDPM samplers, 2N - 1 for EDM's N-step Heun samplers (the last step,
+    to sigma = 0, is a single Euler evaluation)."""
+    steps = default_steps(name, T) if steps is None or name == "ancestral" else steps
+    return 2 * steps - 1 if name in EDM_SAMPLERS else steps
+
+
+def check_sampler(name: str, steps, diffusion, options: dict | None = None) -> None:
+    """Raise one clear line, before any network call, when sampler `name` cannot run `steps` (with `options`)
+    on `diffusion`: an unknown name, a DDPM sampler on an EDM checkpoint, steps or an option out of range, or a
+    checkpoint whose noise levels an EDM sampler cannot map."""
+    from ddpmlab.diffusion.denoisers import as_denoiser
+    from ddpmlab.diffusion.edm import EDMDiffusion
+
+    get_sampler(name)
+    if isinstance(diffusion, EDMDiffusion) and name not in EDM_SAMPLERS:
+        raise ConfigError(f"sampler={name} is a discrete-time DDPM sampler, and this is an EDM checkpoint (diffusion="
+                          "edm, a continuous sigma): use sampler=heun or sampler=edm")
+    if name not in EDM_SAMPLERS:
+        check_steps(name, steps, diffusion.num_timesteps)
+        return
+    parameters = inspect.signature(SAMPLERS[name]).parameters
+    settings = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    settings = {**settings, **{k: v for k, v in (options or {}).items() if k in parameters}}
+    settings = {k: v for k, v in settings.items() if k in inspect.signature(karras.check_options).parameters
+                and k != "steps"}
+    karras.check_options(steps, **settings)
+    karras.noise_levels(as_denoiser(None, diffusion), 1, settings["rho"], settings["sigma_min"], settings["sigma_max"])
 
 
 def get_sampler(name: str, **options):

@@ -107,6 +107,9 @@ def export_pipeline(ckpt: str, out: Path, use_ema: bool = True, push_to: str | N
         raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new one (nothing is overwritten)")
     network, diffusion, train_cfg = load_run(ckpt, use_ema)
     model = OmegaConf.to_container(train_cfg.model, resolve=True)
+    if "betas" not in train_cfg.diffusion:  # diffusion=edm: a preconditioned denoiser in continuous sigma
+        raise refuse("diffusion._target_", train_cfg.diffusion.get("_target_"), "an EDM network has no DDPMScheduler "
+                     "(it is trained on a continuous sigma with EDM's preconditioning)")
     if model.get("_target_") != "ddpmlab.models.UNet":
         raise refuse("model._target_", model.get("_target_"), "only our U-Net has a diffusers equivalent")
     unet_config = unet_from_model(model, network.conv_out.out_channels)
