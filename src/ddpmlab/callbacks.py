@@ -59,7 +59,7 @@ class SampleGrid(L.Callback):
         keep = {round(j * (steps - 1) / max(1, self.strip_columns - 1)) for j in range(self.strip_columns)}
         frames = []
 
-        def record(i, x):
+        def record(i, x, x_0):
             if i in keep:
                 frames.append(x[:rows].clamp(-1, 1))
 

@@ -210,7 +210,7 @@ TRAIN: dict[str, Rule] = {
     # diffusion: GaussianDiffusion
     "diffusion._target_": text(),
     "diffusion.betas": alias("${schedule}"),
-    "diffusion.prediction": choice("eps", "x0", "v"),
+    "diffusion.prediction": choice("eps", "x0", "v", "mean"),
     "diffusion.variance": choice("fixed_large", "fixed_small", "learned", "learned_range"),
     "diffusion.loss": choice("simple", "vlb", "hybrid"),
     "diffusion.vlb_weight": number(0, above=True),
