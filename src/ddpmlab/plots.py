@@ -1,6 +1,7 @@
 """Plots a person would rather look at than read, saved as PNG next to the results (no wandb needed)."""
 
 import csv
+import textwrap
 from pathlib import Path
 
 
@@ -125,7 +126,8 @@ def plot_image_grid(images: "torch.Tensor", row_labels: list[str], column_labels
                                        pad_value=1.0)  # (3, H', W')
     plt = _pyplot()
     scale = max(1.0, 48 / height)  # small images drawn larger, so that labels stay readable
-    fig, ax = plt.subplots(figsize=(max(4.0, columns * width * scale / 60 + 1.5), rows * height * scale / 60 + 1.0))
+    size = (max(4.0, columns * width * scale / 60 + 1.5), rows * height * scale / 60 + 1.0)
+    fig, ax = plt.subplots(figsize=size)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([2 + (width + 2) * j + width / 2 for j in range(columns)], column_labels, fontsize=7, rotation=30)
     ax.set_yticks([2 + (height + 2) * i + height / 2 for i in range(rows)], row_labels[:rows], fontsize=7)
@@ -133,7 +135,7 @@ def plot_image_grid(images: "torch.Tensor", row_labels: list[str], column_labels
     ax.xaxis.tick_top()
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_title(title, fontsize=8, pad=28)
+    ax.set_title(textwrap.fill(title, int(size[0] * 13)), fontsize=8, pad=28)  # ~13 characters an inch at 8 pt
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
