@@ -12,6 +12,11 @@ from ddpmlab import cli, schema  # noqa: E402
 
 
 def run_evaluation(cfg: DictConfig) -> None:
+    if cfg.sweep_dir is not None:  # every run of a sweep, laid out as the paper's table (ddpmlab.table2)
+        from ddpmlab.table2 import evaluate_sweep
+
+        evaluate_sweep(cfg)
+        return
     from ddpmlab.evaluation import evaluate  # after the check: a refused value never waits for torch
 
     evaluate(cfg)

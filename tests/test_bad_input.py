@@ -73,7 +73,7 @@ CASES = [
      "error: checkpoint {run} is a folder, not a checkpoint file (the .ckpt files in it: checkpoints/"),
     ("evaluate_missing_checkpoint", "evaluate", "ckpt=/nonexistent/last.ckpt", "error: checkpoint /nonexistent/last.ckpt does not exist"),
     ("evaluate_unknown_metric", "evaluate", "ckpt={good} metrics=[fid,bogus]",
-     "error: metrics must be a list of one or more values, each one of nll, nll_estimate, nll_ode, fid, is, kid, "
+     "error: metrics must be a list of values, each one of nll, nll_estimate, nll_ode, fid, is, kid, rate_distortion, "
      "got ['fid', 'bogus']"),
     ("evaluate_unknown_sampler", "evaluate", "ckpt={good} metrics=[fid] sampler=euler",
      "error: sampler must be one of ancestral, respaced, ddim, dpm_solver, heun, edm or a list"),
@@ -108,6 +108,23 @@ CASES = [
      "error: metrics=[nll] is the bound over the T steps of a discrete-time checkpoint, and this is an EDM checkpoint"),
     ("edm_run_with_a_ddpm_sample_grid", "train", "diffusion=edm",
      "error: callbacks.sample_grid.sampler must be one of heun, edm for diffusion=edm"),
+    ("evaluate_figure_t_outside_the_chain", "evaluate", "ckpt={good} metrics=[] figures=[shared_latent] "
+     "shared_latent.t=[51,25]", "error: shared_latent.t=[51, 25] is outside [1, T=50], the checkpoint's timesteps"),
+    ("evaluate_lambda_outside_0_1", "evaluate", "ckpt={good} metrics=[] figures=[interpolation] "
+     "interpolation.lambdas=[0,1.5]", "error: interpolation.lambdas must be a list of one or more values, each in "
+     "[0, 1], got [0, 1.5]"),
+    ("evaluate_unknown_figure", "evaluate", "ckpt={good} metrics=[] figures=[bogus]",
+     "error: figures must be a list of values, each one of progressive, shared_latent, interpolation, "
+     "coarse_to_fine, got ['bogus']"),
+    ("evaluate_more_figure_images_than_the_test_split", "evaluate", "ckpt={good} metrics=[] figures=[interpolation] "
+     "interpolation.pairs=6000", "error: interpolation.pairs needs 12000 test images and the test split holds 10000"),
+    ("evaluate_nothing_to_do", "evaluate", "ckpt={good} metrics=[]",
+     "error: metrics must be one metric or more when figures=[] (nothing to do)"),
+    ("evaluate_without_a_checkpoint", "evaluate", "metrics=[nll]", "error: ckpt is required and has no value"),
+    ("evaluate_table_without_a_sweep", "evaluate", "ckpt={good} table=paper_table2",
+     "error: sweep_dir must be a sweep folder for table=paper_table2"),
+    ("evaluate_sweep_dir_not_a_folder", "evaluate", "sweep_dir={file} table=paper_table2",
+     "error: sweep_dir={file} is not a folder"),
 ]
 
 

@@ -128,8 +128,11 @@ def test_the_generator_finds_a_bad_value_for_every_key():
 def test_the_schemas_names_are_the_codes():
     from ddpmlab.diffusion.samplers import SAMPLERS
     from ddpmlab.evaluation import METRICS
+    from ddpmlab.figures import FIGURES
+    from ddpmlab.table2 import TABLES
 
     assert set(schema.SAMPLERS) == set(SAMPLERS) and set(schema.METRICS) == set(METRICS)
+    assert schema.FIGURES == tuple(FIGURES) and schema.TABLES == TABLES
 
 
 @pytest.mark.slow

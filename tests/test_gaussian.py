@@ -14,18 +14,23 @@ def gaussian_oracle(diffusion: GaussianDiffusion, mu: float, s: float, predictio
 
     x_t = a x_0 + b eps with a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t), so
     E[x_0 | x_t] = mu + a s^2 / (a^2 s^2 + b^2) (x_t - a mu) and E[eps | x_t] = (x_t - a E[x_0 | x_t]) / b.
-    Returns eps, x0 or v = a eps - b x_0 as `prediction` says; with `variance_output`, that constant is appended
+    Returns eps, x0, v = a eps - b x_0 or the posterior mean coef1 x_0 + coef2 x_t of the network's own
+    (unrespaced) chain (eq. 7) as `prediction` says; with `variance_output`, that constant is appended
     as the learned-variance channels. Computed here from the schedule in float64, independently of the
     diffusion's own tables.
     """
-    alpha_bar = torch.cumprod(1 - diffusion.betas64, 0)
+    betas = diffusion.betas64
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
 
     def model(x_t, t_original):
-        a = alpha_bar[t_original].sqrt().view(-1, 1, 1, 1).to(x_t)
-        b = (1 - alpha_bar[t_original]).sqrt().view(-1, 1, 1, 1).to(x_t)
-        x0 = mu + a * s**2 / (a**2 * s**2 + b**2) * (x_t - a * mu)
+        column = lambda table: table[t_original].view(-1, 1, 1, 1)  # noqa: E731
+        a, b = column(alpha_bar).sqrt(), column(1 - alpha_bar).sqrt()
+        x0 = mu + a * s**2 / (a**2 * s**2 + b**2) * (x_t.double() - a * mu)
         eps = (x_t - a * x0) / b
-        out = {"eps": eps, "x0": x0, "v": a * eps - b * x0}[prediction]
+        mean = (column(alpha_bar_prev).sqrt() * column(betas) * x0
+                + column(1 - betas).sqrt() * column(1 - alpha_bar_prev) * x_t) / column(1 - alpha_bar)
+        out = {"eps": eps, "x0": x0, "v": a * eps - b * x0, "mean": mean}[prediction].to(x_t.dtype)
         return out if variance_output is None else torch.cat([out, torch.full_like(out, variance_output)], 1)
 
     return model
@@ -60,7 +65,7 @@ def test_posterior_matches_bayes_rule():
         assert got_log_var.item() == pytest.approx(math.log((1 / precision).item()), rel=1e-5)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "mean"])
 def test_each_parameterisation_recovers_x0_and_eps_and_zero_loss(prediction):
     diffusion = GaussianDiffusion(linear_betas(1000), prediction=prediction)
     x_0, eps = torch.rand(8, 1, 4, 4) * 2 - 1, torch.randn(8, 1, 4, 4)
@@ -101,3 +106,59 @@ def test_respaced_alpha_bar_equals_original_at_kept_steps():
     assert len(kept) == 50 and kept[0] == 0 and kept[-1] == 999 and (kept.diff() > 0).all()
     assert torch.allclose(respaced.alphas_cumprod, diffusion.alphas_cumprod[kept], rtol=1e-5)
     assert torch.equal(diffusion.respace(1000).timestep_map, torch.arange(1000))
+
+
+def test_the_mean_target_is_the_posterior_mean_and_its_simple_loss_the_unweighted_mean_mse():
+    """Ho et al. section 3.2 / Table 2: the network outputs mu~_t(x_t, x_0) (eq. 7) and loss=simple is
+    ||mu~ - mu~_theta||^2, unweighted (here its mean over pixels); the coefficients computed here in float64."""
+    betas = linear_betas(100, beta_end=0.2)
+    diffusion = GaussianDiffusion(betas, prediction="mean")
+    g = torch.Generator().manual_seed(0)
+    x_0, eps = torch.rand(8, 1, 4, 4, generator=g) * 2 - 1, torch.randn(8, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 2, 10, 50, 97, 98, 99])
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    col = lambda v: v[t].view(-1, 1, 1, 1)  # noqa: E731
+    x_t = col(alpha_bar).sqrt() * x_0 + col(1 - alpha_bar).sqrt() * eps
+    mean = (col(prev).sqrt() * col(betas) * x_0 + col(1 - betas).sqrt() * col(1 - prev) * x_t) / col(1 - alpha_bar)
+    assert torch.allclose(diffusion.training_target(x_0, t, eps).double(), mean, atol=1e-6)
+    assert torch.allclose(diffusion.training_target(x_0[:1], t[:1], eps[:1]), x_0[:1], atol=1e-6)  # at t = 1: x_0
+    output = torch.randn(8, 1, 4, 4, generator=g)
+    loss = diffusion.training_losses(lambda x, t_: output, x_0, t, eps)["loss"]
+    assert torch.allclose(loss.double(), (mean - output).pow(2).flatten(1).mean(1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "learned"])
+def test_the_mean_parameterisation_has_the_bound_of_the_eps_network_it_is_mapped_from(variance):
+    """Table 2's two parameterisations are one model when their outputs are mapped into each other: an eps output e
+    means mu = coef1 x^_0(e) + coef2 x_t (eq. 7 at eq. 15's x^_0; the map computed here in float64). Every term of
+    the bound, and the full bound, agree to float precision, both ways, for any output (here random)."""
+    betas = linear_betas(200, beta_end=0.05)
+    loss = "vlb"
+    eps_diffusion = GaussianDiffusion(betas, prediction="eps", variance=variance, loss=loss)
+    mean_diffusion = GaussianDiffusion(betas, prediction="mean", variance=variance, loss=loss)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    coef1, coef2 = prev.sqrt() * betas / (1 - alpha_bar), (1 - betas).sqrt() * (1 - prev) / (1 - alpha_bar)
+    channels = 2 if variance == "learned" else 1
+    outputs = torch.randn(200, 4, channels, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def eps_net(x_t, t):
+        return outputs[t, torch.arange(len(t))]
+
+    def mean_net(x_t, t):  # eps -> mean; the log-variance channels as they are
+        e = eps_net(x_t, t).double()
+        col = lambda v: v[t].view(-1, 1, 1, 1)  # noqa: E731
+        x0 = (x_t.double() - col(1 - alpha_bar).sqrt() * e[:, :1]) / col(alpha_bar).sqrt()
+        return torch.cat([col(coef1) * x0 + col(coef2) * x_t.double(), e[:, 1:]], 1).float()
+
+    x_0 = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    by_eps = eps_diffusion.calc_bpd_loop(eps_net, x_0, torch.Generator().manual_seed(2), clip_denoised=False)
+    by_mean = mean_diffusion.calc_bpd_loop(mean_net, x_0, torch.Generator().manual_seed(2), clip_denoised=False)
+    assert torch.allclose(by_mean["terms"], by_eps["terms"], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(by_mean["total"], by_eps["total"], rtol=1e-5)
+    # ... and back: the mean diffusion's own eps of a mean output is the eps network's output
+    x_t = torch.randn(4, 1, 4, 4)
+    t = torch.tensor([0, 5, 100, 199])
+    _, eps_back = mean_diffusion.model_x0_eps(mean_net(x_t, t)[:, :1], x_t, t)
+    assert torch.allclose(eps_back[1:], eps_net(x_t, t)[1:, :1], atol=2e-3)  # t = 1: eps is undetermined (coef1 = 1)

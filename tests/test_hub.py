@@ -262,15 +262,17 @@ def test_bad_sources_and_an_offline_push_are_one_line_exit_2_and_write_nothing(t
         assert not (tmp_path / f"{i}.ckpt").exists() and not list(tmp_path.glob(f".{i}.ckpt*"))
 
 
-def test_a_setting_diffusers_lacks_is_refused_in_one_line(tiny, tmp_path):
-    """A learned variance (not learned_range) read as a log variance here and as a variance in diffusers."""
+@pytest.mark.parametrize(("key", "value"), [("variance", "learned"), ("prediction", "mean")])
+def test_a_setting_diffusers_lacks_is_refused_in_one_line(tiny, tmp_path, key, value):
+    """A learned variance (not learned_range) read as a log variance here and as a variance in diffusers; a network
+    that outputs the posterior mean (Ho et al. Table 2's baseline), which no prediction_type of diffusers reads."""
     import_checkpoint(str(tiny), tmp_path / "tiny.ckpt")
     checkpoint = torch.load(tmp_path / "tiny.ckpt", weights_only=True)
-    checkpoint["config"]["diffusion"]["variance"] = "learned"
-    torch.save(checkpoint, tmp_path / "learned.ckpt")
+    checkpoint["config"]["diffusion"][key] = value
+    torch.save(checkpoint, tmp_path / f"{value}.ckpt")
 
-    with pytest.raises(ConfigError, match=r"diffusion.variance='learned'"):
-        export_pipeline(str(tmp_path / "learned.ckpt"), tmp_path / "out")
+    with pytest.raises(ConfigError, match=rf"diffusion.{key}='{value}'"):
+        export_pipeline(str(tmp_path / f"{value}.ckpt"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -18,6 +18,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MARKERS = {
     "01_forward_process.ipynb": ["test images; T = 1000", "cosine"],
     "02_sampling.ipynb": ["T=50", "NLL ", "samplers: ancestral, respaced, ddim, dpm_solver"],
+    "04_paper_figures.ipynb": ["T=50, prediction=eps", "Fig. 6: progressive generation", "Fig. 7: shared latents at t = "
+                               "[50, 38, 25, 12]", "Figs. 8 and 9", "rate + distortion = bound"],
     "03_sweep_results.ipynb": ["2 runs, varying ['schedule']", "nll_estimate (bits/dim)", "wandb: not logged in",
                                # one run's two sampling settings, each in a column of its own
                                "fid (ddim, 3 steps, inception-2015-12-05)",

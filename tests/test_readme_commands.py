@@ -20,7 +20,8 @@ placeholder (`ckpt=...`, `<run>`, `PATH`) gets a file made once per session:
   evaluate.py   the shared smoke checkpoint, data_root = a Fashion-MNIST-format folder of 256 train / 16 test
                 images (classifier, Inception conversion and reference statistics are made there once),
                 num_samples=6, reference_images=16, nll.num_images=2, nll_estimate.num_images=4 with 2 t each,
-                nll_ode.num_images=2.
+                nll_ode.num_images=2; `sweep_dir=<...>` a two-run smoke sweep (the paper's Table 2's mu~ and eps
+                L_simple cells), trained once, when a command first asks for it.
   python -m ddpmlab.models.classifier   --root (the small data) --epochs 1.
   python -m ddpmlab.bench               one round of everything at batch 2 (flags before any `--`).
   make train    make -C <repo> -o .venv/.installed-stamp train ARGS="<train.py's shrinking>": `-o` keeps a test
@@ -134,9 +135,22 @@ def _fill(token: str, shared: Shared) -> str:
         return token
     files = {"ckpt": shared.run / "checkpoints" / "last.ckpt", "ckpt_path": shared.run / "checkpoints" / "last.ckpt",
              "init_from": shared.run / "checkpoints" / "last.ckpt", "data.root": shared.images,
-             "data_root": shared.data}
+             "data_root": shared.data, "sweep_dir": _sweep}
     known = files.get(key.lstrip("+"))
+    known = known(shared) if callable(known) else known
     return f"{key}={known}" if known else token  # unknown: as written, so its failure shows the line
+
+
+def _sweep(shared: Shared) -> Path:
+    """A two-run smoke multirun (Table 2's mu~ and eps L_simple cells), made the first time a command needs one."""
+    sweep = shared.run.parent.parent / "sweep"
+    if sweep.is_dir():
+        return sweep
+    done = _run([sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "diffusion.prediction=mean,eps",
+                 *TRAIN_SHRINK, f"trainer.max_steps={SHARED_STEPS}", f"hydra.sweep.dir={sweep}",
+                 f"paths.log_dir={sweep.parent / 'sweep_logs'}"], sweep.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return sweep
 
 
 def _train_args(tokens: list[str], tmp: Path, shared: Shared) -> list[str]:

@@ -38,11 +38,14 @@ def exact_sample_moments(alpha_bar_kept, variance: str, mu: float, s: float) -> 
 
 @pytest.mark.parametrize(("sampler", "steps"), [("ancestral", None), ("respaced", 50)])
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-def test_sampler_with_exact_denoiser_matches_its_exact_moments(sampler, steps, variance):
+@pytest.mark.parametrize("prediction", ["eps", "mean"])
+def test_sampler_with_exact_denoiser_matches_its_exact_moments(sampler, steps, variance, prediction):
+    """With `mean` the network outputs its own T-step chain's posterior mean; a respaced chain reads it as such."""
     mu, s, n = 0.3, 0.2, 20_000
-    diffusion = GaussianDiffusion(linear_betas(1000), variance=variance)
+    diffusion = GaussianDiffusion(linear_betas(1000), prediction=prediction, variance=variance)
     generator = torch.Generator().manual_seed(0)
-    x = get_sampler(sampler)(gaussian_oracle(diffusion, mu, s), diffusion, (n, 1, 1, 1), generator, steps=steps)
+    x = get_sampler(sampler)(gaussian_oracle(diffusion, mu, s, prediction), diffusion, (n, 1, 1, 1), generator,
+                             steps=steps)
     kept = diffusion.respace(steps).timestep_map if steps else torch.arange(1000)
     m, v = exact_sample_moments(torch.cumprod(1 - diffusion.betas64, 0)[kept], variance, mu, s)
     # Within 4 standard errors: sd(mean) = sqrt(v / n), sd(var) ~ v sqrt(2 / n).
@@ -129,7 +132,7 @@ def exact_dpm_solver_moments(alpha_bar_kept, mu: float, s: float) -> tuple[float
         previous, prev_h = x0, h
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "mean"])
 @pytest.mark.parametrize("steps", [10, 20])
 def test_dpm_solver_with_exact_denoiser_matches_its_exact_moments(prediction, steps):
     mu, s, n = 0.3, 0.2, 20_000
@@ -194,3 +197,20 @@ def test_one_step_samplers_run(sampler, variance):
     diffusion = GaussianDiffusion(linear_betas(50, beta_end=0.3), variance=variance)
     x = get_sampler(sampler)(gaussian_oracle(diffusion, 0.0, 0.5), diffusion, (4, 1, 2, 2), steps=1)
     assert x.shape == (4, 1, 2, 2) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ancestral", None), ("respaced", 7), ("ddim", 7), ("dpm_solver", 7)])
+def test_every_sampler_reports_each_step_with_its_x0_prediction(sampler, steps):
+    """on_step(i, x, x_0) for i = K-1 .. 0 in order; x_0 is the model's prediction at that step: E[x_0 | x_t] of the
+    exact denoiser (clipped to [-1, 1]), near mu at the first step (x_T carries almost nothing of x_0), and the
+    sample itself at the last."""
+    mu, s = 0.3, 0.2
+    diffusion = GaussianDiffusion(linear_betas(50, beta_end=0.5))
+    seen = []
+    x = get_sampler(sampler)(gaussian_oracle(diffusion, mu, s), diffusion, (256, 1, 1, 1),
+                             torch.Generator().manual_seed(0), steps=steps,
+                             on_step=lambda i, x_i, x_0: seen.append((i, x_i.clone(), x_0.clone())))
+    assert [i for i, _, _ in seen] == list(reversed(range(steps or 50)))
+    first_x0 = seen[0][2]
+    assert first_x0.mean().item() == pytest.approx(mu, abs=0.01) and first_x0.std().item() < 0.05
+    assert torch.allclose(seen[-1][2], x, atol=1e-6)

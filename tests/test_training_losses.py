@@ -75,7 +75,7 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error_for_every_target(
     alpha_bar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
     snr = alpha_bar / (1 - alpha_bar)
     expected = snr.clamp(max=gamma).flatten() * (wrong_x0 - x_0).pow(2).flatten(1).mean(1)
-    for prediction in ("eps", "x0", "v"):
+    for prediction in ("eps", "x0", "v", "mean"):
         diffusion = GaussianDiffusion(betas, prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma)
 
         def model(x_t, t_):

@@ -120,13 +120,20 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
                              f"adaptive RK45 at rtol {cfg.nll_ode.rtol:g}, atol {cfg.nll_ode.atol:g}: about "
                              f"{ode.typical_ode_evaluations} forward passes with {cfg.nll_ode.probes} backward each, "
                              "counted as it runs")
+    asked = {*cfg.metrics, *(["nll"] if "rate_distortion" in cfg.metrics else [])}  # one pass gives both
     for key, (name, calls, how) in counts.items():
-        if key in cfg.metrics:
+        if key in asked:
             data.setup("test")
             n = min(cfg[key].num_images or len(data.test_images), len(data.test_images))
             images.append(n)
             cost.add(name, n * calls, "network", share)
             lines.append(f"{key}: {n} test images x {calls} network calls ({how})")
+    from ddpmlab.paper import figure_calls, figure_jobs  # the paper's figures (Ho et al. Figs. 6-9)
+
+    for figure, stem, kwargs in figure_jobs(cfg, T):
+        calls = figure_calls(figure, kwargs, T)
+        cost.add(f"figure {stem}", calls, "network", share)
+        lines.append(f"figure {stem}: {calls:,} network calls")
     if fidelity is not None:
         images.append(cfg.num_samples)
         for name, steps in sampling_settings(cfg):

@@ -7,6 +7,8 @@ process takes the indices rank, rank + N, ...; results are gathered by index, so
 import hashlib
 import inspect
 import json
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -26,13 +28,17 @@ from ddpmlab.diffusion.samplers import EDM_SAMPLERS, SAMPLERS, check_sampler, ne
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
 from ddpmlab.eval_plan import Estimate, plan, sampling_phase, sampling_settings
+from ddpmlab.figures import FIGURES, PAPER
+from ddpmlab.paper import check_figures, figure_calls, figure_jobs, rate_distortion
 from ddpmlab.performance import cpu_bf16, optimize_network, performance_settings
+from ddpmlab.plots import plot_image_grid, plot_rate_distortion
 from ddpmlab.progress import track
 from ddpmlab.resume import check_matches, resolve_last
 from ddpmlab.training import build, build_network
 
-METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid")
+METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid", "rate_distortion")
 SAMPLE_METRICS = ("fid", "is", "kid")
+TEST_METRICS = ("nll", "nll_estimate", "nll_ode", "rate_distortion")  # measured on the test split
 TRAIN_TASK = "train"  # ckpt=last: the newest run of train.py's default task (runs/train/*, as `make train` writes)
 
 
@@ -85,24 +91,23 @@ def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(
 
 def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
     """The full bound on cfg.nll.num_images test images (data.evaluation_subset): total, L_T, L_0, and the per-t
-    terms, in bits/dim."""
+    terms, in bits/dim; and, from the same pass, the progressive code's rate and distortion (ddpmlab.paper)."""
     test_images = evaluation_subset(test_images, cfg.nll.num_images)
-    n = len(test_images)
+    n, T = len(test_images), diffusion.num_timesteps
 
-    def bound(idx):  # -> (B, 1 + T): L_T, then terms[:, 0] = L_0, terms[:, t] = L_t
+    def bound(idx):  # -> (B, 1 + 2T): L_T, then terms[:, 0] = L_0, terms[:, t] = L_t, then x0_mse[:, t]
         x_0 = to_model_range(test_images[idx].to(fabric.device))
         out = diffusion.calc_bpd_loop(model, x_0, ExampleNoise(idx, cfg.seed, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised, progress=fabric.global_rank == 0)
-        return torch.cat([out["prior"][:, None], out["terms"]], 1)
+        return torch.cat([out["prior"][:, None], out["terms"], out["x0_mse"]], 1)
 
-    rows = _per_example(fabric, n, cfg.batch_size, "NLL (full bound)", bound, (1 + diffusion.num_timesteps,),
-                        calls=diffusion.num_timesteps, cost=cost)
-    prior, per_t = rows[:, 0], rows[:, 1:]
+    rows = _per_example(fabric, n, cfg.batch_size, "NLL (full bound)", bound, (1 + 2 * T,), calls=T, cost=cost)
+    prior, per_t, x0_mse = rows[:, 0], rows[:, 1:1 + T], rows[:, 1 + T:]
     total = prior + per_t.sum(1)
     terms_bpd = per_t.mean(0).tolist()  # the decoder's entry is L_0 itself (one reduction, not two)
     return {"bpd": total.mean().item(), "stderr": (total.std() / n**0.5).item() if n > 1 else None,
             "prior_bpd": prior.mean().item(), "decoder_bpd": terms_bpd[0], "terms_bpd": terms_bpd,
-            "num_images": n}
+            "num_images": n, "rate_distortion": rate_distortion(prior, per_t, x0_mse)}
 
 
 def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
@@ -135,6 +140,8 @@ def sampling_bf16(cfg, device: torch.device) -> bool:
 
 def sampling_autocast(cfg, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=sampling_bf16(cfg, device))
+
+
 def compute_nll_ode(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
     """The exact likelihood through the probability-flow ODE (ddpmlab.diffusion.likelihood) of cfg.nll_ode.num_images
     test images (data.evaluation_subset), each dequantised uniformly in its pixels' bins, in bits/dim with its
@@ -171,6 +178,25 @@ def sampler_options(cfg, name: str) -> dict:
     return {}
 
 
+def make_figure(fabric, cfg, model, diffusion, test_images, name: str, stem: str, kwargs: dict, cost=None) -> dict:
+    """One of the paper's figures (ddpmlab.figures) with its rows shared among the processes (each row's noise is a
+    function of (seed, row) alone, so any process count draws the same figure). Returns its images as numpy
+    (rows, columns, C, H, W) in [-1, 1] with the labels, on every rank."""
+    fn = FIGURES[name]
+    layout = fn(model, diffusion, test_images, rows=[], device=fabric.device, **kwargs)
+    n = len(layout.row_labels)
+    rows_per_batch = cfg.batch_size if name == "progressive" else 1  # progressive: a batch of chains at once
+
+    def rows(idx):
+        return fn(model, diffusion, test_images, rows=idx, seed=cfg.seed, device=fabric.device,
+                  progress=fabric.global_rank == 0 and name != "progressive", **kwargs).images
+
+    images = _per_example(fabric, n, rows_per_batch, f"figure {stem}", rows, tuple(layout.images.shape[1:]),
+                          calls=figure_calls(name, kwargs, diffusion.num_timesteps) // n, cost=cost)
+    return {"name": name, "stem": stem, "images": images.cpu().numpy(), "row_labels": layout.row_labels,
+            "column_labels": layout.column_labels, "title": layout.title, "settings": kwargs}
+
+
 def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps, cost=None) -> torch.Tensor:
     """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
     sampler = get_sampler(name, **sampler_options(cfg, name))
@@ -184,23 +210,33 @@ def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: s
                         torch.uint8, calls=network_calls(name, steps, diffusion.num_timesteps), cost=cost).cpu()
 
 
-def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimate | None = None) -> dict | None:
-    """One process's part; rank 0 returns the results. `run`: the loaded (model, diffusion, train config), if any;
-    `fidelity`: the FID/IS/KID computation (rank 0's, after sampling); `cost`: the estimate, said again as each
-    phase's first batch is timed."""
+def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimate | None = None,
+         handoff: Path | None = None) -> dict | None:
+    """One process's part; rank 0 returns the results, or pickles them to `handoff` (spawned processes).
+    `run`: the loaded (model, diffusion, train config), if any; `fidelity`: the FID/IS/KID computation (rank 0's,
+    after sampling); `cost`: the estimate, said again as each phase's first batch is timed."""
     torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))
     model, diffusion, train_cfg = run or load_run(cfg.ckpt, cfg.use_ema)
     model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
     optimize_network(model, *performance_settings(cfg.get("performance"), fabric.device.type == "cuda"))
     data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
-    results, timings = {"settings": []}, {}
-    if {"nll", "nll_estimate", "nll_ode"} & set(cfg.metrics):
+    results, timings = {"settings": [], "figures": []}, {}
+    if set(TEST_METRICS) & set(cfg.metrics) or cfg.figures:
         data.setup("test")
-        for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate), ("nll_ode", compute_nll_ode)):
-            if metric in cfg.metrics:
-                start = time.perf_counter()
-                results[metric] = fn(fabric, cfg, model, diffusion, data.test_images, cost)
-                timings[metric] = time.perf_counter() - start
+    for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate), ("nll_ode", compute_nll_ode)):
+        wanted = [m for m in ((metric, "rate_distortion") if metric == "nll" else (metric,)) if m in cfg.metrics]
+        if wanted:  # the full bound's pass gives the NLL and the rate/distortion alike
+            start = time.perf_counter()
+            measured = fn(fabric, cfg, model, diffusion, data.test_images, cost)
+            code = measured.pop("rate_distortion", None)
+            for name in wanted:
+                results[name] = code if name == "rate_distortion" else measured
+                timings[name] = time.perf_counter() - start
+    for name, stem, kwargs in figure_jobs(cfg, diffusion.num_timesteps):
+        start = time.perf_counter()
+        results["figures"].append(make_figure(fabric, cfg, model, diffusion, data.test_images, name, stem, kwargs,
+                                              cost))
+        timings[f"figure {stem}"] = time.perf_counter() - start
     if fidelity is not None:
         shape = (data.channels, data.image_size, data.image_size)
         for name, steps in sampling_settings(cfg):
@@ -221,6 +257,9 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
         # Returned across processes by pickling: numpy goes by value, a torch tensor by a shared-memory handle
         # that dies with this process.
         setting["samples"] = setting["samples"].numpy()
+    if handoff is not None:
+        handoff.write_bytes(pickle.dumps(results))
+        return None
     return results
 
 
@@ -261,9 +300,16 @@ def fidelity_for(cfg, train_cfg, data, device: torch.device):
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Run the configured metrics; write metrics.json, samples.png and nll_per_t.png to cfg.paths.output_dir.
+    """Run the configured metrics and figures; write metrics.json, samples.png, nll_per_t.png, rate_distortion.png
+    and the figures' PNGs to cfg.paths.output_dir.
 
     Before the first long phase it says what it will do and an estimate of the time (ddpmlab.eval_plan)."""
+    return evaluate_prepared(*prepare(cfg))
+
+
+def prepare(cfg: DictConfig) -> tuple[DictConfig, tuple, object]:
+    """(cfg as plain values, the loaded run (model, diffusion, train config), its datamodule): every check that
+    needs the checkpoint or the data, in this process, before any process starts or any network call."""
     # Plain values from here on: spawned processes get this config, and `${hydra:...}` (paths.output_dir)
     # resolves only in Hydra's own process.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -278,9 +324,17 @@ def evaluate(cfg: DictConfig) -> dict:
     data = build(run[2].data, **({"root": cfg.data_root} if cfg.data_root else {}))
     _check_counts(cfg, data)
     _check_applies(cfg, run[1])
-    if set(SAMPLE_METRICS) & set(cfg.metrics):
+    if cfg.figures:
+        data.setup("test")
+        check_figures(cfg, run[1].num_timesteps, len(data.test_images))
+    if set(SAMPLE_METRICS) & set(cfg.metrics) or "progressive" in cfg.figures:
         for name, steps in sampling_settings(cfg):
             check_sampler(name, steps, run[1], sampler_options(cfg, name))
+    return cfg, run, data
+
+
+def evaluate_prepared(cfg: DictConfig, run: tuple, data) -> dict:
+    """evaluate() of what prepare() checked and loaded."""
     devices = cfg.trainer.devices
     strategy = "ddp_spawn" if devices not in (1, "1", "auto") else "auto"
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
@@ -288,9 +342,18 @@ def evaluate(cfg: DictConfig) -> dict:
                            else (None, None))
     cost = plan(cfg, run, data, fidelity, reference, fabric)
     wall = time.perf_counter()
-    # Spawned processes load the run themselves (a model is cheaper to rebuild than to pickle across).
-    results = (fabric.launch(_run, cfg, None, fidelity, cost) if strategy == "ddp_spawn"
-               else _run(fabric, cfg, run, fidelity, cost))
+    if strategy == "ddp_spawn":
+        # Spawned processes load the run themselves (a model is cheaper to rebuild than to pickle across). Rank 0's
+        # results come back in a file: Lightning returns them through a pipe its parent reads only once every
+        # process has ended, so a result larger than the pipe's buffer (64 KiB: 84 Fashion-MNIST samples) left
+        # rank 0 blocked in the write and the evaluation hung.
+        handoff = Path(cfg.paths.output_dir) / f".results_{os.getpid()}.pkl"
+        handoff.parent.mkdir(parents=True, exist_ok=True)
+        fabric.launch(_run, cfg, None, fidelity, cost, handoff)
+        results = pickle.loads(handoff.read_bytes())  # our own file, written just now by rank 0
+        handoff.unlink()
+    else:
+        results = _run(fabric, cfg, run, fidelity, cost)
     results["estimated_seconds"] = cost.seconds
     results["reference"] = fidelity and {"images": len(fidelity.reference), "what": reference}
     results["wall_seconds"] = time.perf_counter() - wall
@@ -312,8 +375,9 @@ def _check_counts(cfg, data) -> None:
     """Sample and image counts that cannot be honoured fail here, in the main process, before any work."""
     if not (isinstance(cfg.num_samples, int) and cfg.num_samples > 0):
         raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples!r}")
+    asked = {*cfg.metrics, *(["nll"] if "rate_distortion" in cfg.metrics else [])}  # rate_distortion: the NLL's pass
     wanted = {key: cfg[key].num_images for key in ("nll", "nll_estimate", "nll_ode")
-              if key in cfg.metrics and cfg[key].num_images}
+              if key in asked and cfg[key].num_images}
     if wanted:
         data.setup("test")
         for key, n in wanted.items():
@@ -330,6 +394,13 @@ def _rows(cfg, results: dict, split: str) -> list[dict]:
             rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
                          "test_images": r["num_images"], "split": split, "seconds": results["timings"][metric],
                          **({"network_calls": r["network_calls"]} if "network_calls" in r else {})})
+    if "rate_distortion" in results:  # Ho et al. Table 1's split of the codelength, and the RMSE at t = 1
+        code = results["rate_distortion"]
+        common = {"std": None, "test_images": code["num_images"], "split": split,
+                  "seconds": results["timings"]["rate_distortion"]}
+        rows += [{"metric": metric, "value": code[key], **common} for metric, key in (
+            ("rate (bits/dim)", "rate_bpd"), ("distortion (bits/dim)", "distortion_bpd"),
+            ("distortion RMSE t=1", "rmse_at_t1"))]
     for setting in results["settings"]:
         common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"],
                   "sampling_precision": setting.get("precision", "fp32"),
@@ -369,21 +440,39 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
         torch.save(samples, out / f"samples{suffix}.pt")  # every generated image, uint8 (N, C, H, W)
     if len({(s["sampler"], s["sampling_steps"]) for s in settings}) > 1:
         _plot_against_steps(rows, out / "metrics_vs_steps.png")
+    images = {}
+    if "rate_distortion" in results:
+        record["rate_distortion"] = {**results["rate_distortion"], "split": split}
+        plot_rate_distortion(results["rate_distortion"], out / "rate_distortion.png")
+        images["rate_distortion"] = out / "rate_distortion.png"
+    for figure in results["figures"]:  # each figure's PNG, named by the figure (ddpmlab.figures)
+        images[figure["stem"]] = out / f"{figure['stem']}.png"
+        grid = torch.from_numpy(figure["images"])
+        plot_image_grid(grid, figure["row_labels"], figure["column_labels"], figure["title"], images[figure["stem"]])
+        torch.save(grid, out / f"{figure['stem']}.pt")  # (rows, columns, C, H, W) in [-1, 1]
+        record.setdefault("figures", {})[figure["stem"]] = {
+            "figure": PAPER[figure["name"]], "file": images[figure["stem"]].name, "rows": figure["row_labels"],
+            "columns": figure["column_labels"], "settings": figure["settings"]}
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
     _print_table(rows)
-    _log(cfg, rows)
+    for name, path in images.items():
+        print(f"{name}: {path}")
+    _log(cfg, rows, images)
     return record
 
 
-def _log(cfg: DictConfig, rows: list[dict]) -> None:
-    """The numbers to the configured loggers (for wandb, the last logged values are the run's summary)."""
-    from ddpmlab.loggers import finish_wandb
+def _log(cfg: DictConfig, rows: list[dict], images: dict[str, Path]) -> None:
+    """The numbers and the figures to the configured loggers (for wandb, the last logged values are the run's
+    summary)."""
+    from ddpmlab.loggers import finish_wandb, log_image
 
     numbers = {f"eval/{row['metric']}": row["value"] for row in rows if row["value"] is not None}
     for node in (cfg.get("logger") or {}).values():
         logger = build(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_metrics(numbers)
+        for name, path in images.items():
+            log_image(logger, f"eval/{name}", path, 0)
         logger.save()
         if hasattr(logger.experiment, "finish"):  # a wandb run: flush and close it now
             logger.experiment.finish()

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 
 
@@ -113,6 +114,79 @@ def plot_noise_distribution(diffusion, path: Path) -> None:
         ax.axvspan(diffusion.sigma_min, diffusion.sigma_max, color="0.9", zorder=0)
     fig.suptitle(f"EDM: ln sigma ~ N({diffusion.P_mean:g}, {diffusion.P_std:g}^2), sigma_data = "
                  f"{diffusion.sigma_data:g}; shaded: sigma_min..sigma_max", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_rate_distortion(code: dict, path: Path) -> None:
+    """Ho et al. 2020 Fig. 5: the progressive code's distortion (RMSE, [0, 255]) and rate (bits/dim) against the
+    reverse-process steps T - t, and distortion against rate (ddpmlab.paper.rate_distortion's lists, t = 1..T)."""
+    plt = _pyplot()
+    rate, distortion = code["rate_per_t"], code["distortion_rmse_per_t"]
+    T = len(rate)
+    steps = [T - t for t in range(1, T + 1)]  # the receiver holds x_t after T - t reverse steps
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, (x, y, xlabel, ylabel) in zip(axes, (
+            (steps, distortion, "reverse process steps (T - t)", "distortion (RMSE, [0, 255])"),
+            (steps, rate, "reverse process steps (T - t)", "rate (bits/dim)"),
+            (rate, distortion, "rate (bits/dim)", "distortion (RMSE, [0, 255])"))):
+        ax.plot(x, y, lw=1.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    fig.suptitle(f"progressive coding (Ho et al. Fig. 5): rate {code['rate_bpd']:.3f} + distortion "
+                 f"{code['distortion_bpd']:.3f} = {code['bpd']:.3f} bits/dim, RMSE {code['rmse_at_t1']:.2f} at t=1; "
+                 f"{code['num_images']} test images", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_image_grid(images: "torch.Tensor", row_labels: list[str], column_labels: list[str], title: str,
+                    path: Path) -> None:
+    """A (rows, columns, C, H, W) grid of images in [-1, 1] with its rows and columns labelled (the paper's figures)."""
+    import torchvision  # here: see plot_schedule
+
+    rows, columns, _, height, width = images.shape
+    grid = torchvision.utils.make_grid(((images.flatten(0, 1) + 1) / 2).clamp(0, 1), nrow=columns, padding=2,
+                                       pad_value=1.0)  # (3, H', W')
+    plt = _pyplot()
+    scale = max(1.0, 48 / height)  # small images drawn larger, so that labels stay readable
+    size = (max(4.0, columns * width * scale / 60 + 1.5), rows * height * scale / 60 + 1.0)
+    fig, ax = plt.subplots(figsize=size)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([2 + (width + 2) * j + width / 2 for j in range(columns)], column_labels, fontsize=7, rotation=30)
+    ax.set_yticks([2 + (height + 2) * i + height / 2 for i in range(rows)], row_labels[:rows], fontsize=7)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(textwrap.fill(title, int(size[0] * 13)), fontsize=8, pad=28)  # ~13 characters an inch at 8 pt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_table_samples(panels: list, path: Path, title: str) -> None:
+    """Ho et al. Table 2's cells as panels, three per row in the table's order: (title, uint8 samples (N, C, H, W) or
+    None, what to write where there are none)."""
+    import torchvision  # here: see plot_schedule
+
+    plt = _pyplot()
+    rows = -(-len(panels) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.6 * rows), squeeze=False)
+    for ax, (name, images, said) in zip(axes.flat, panels):
+        if images is not None:
+            grid = torchvision.utils.make_grid(images.float() / 255, nrow=max(1, round(len(images) ** 0.5)),
+                                               pad_value=1.0)
+            ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        else:
+            ax.text(0.5, 0.5, said, ha="center", va="center", fontsize=11)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

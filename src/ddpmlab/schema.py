@@ -45,7 +45,9 @@ OPEN = ("trainer.", "callbacks.", "logger.")  # extra keys go to Lightning's cla
 SAMPLERS = ("ancestral", "respaced", "ddim", "dpm_solver", "heun", "edm")
 EDM_SAMPLERS = ("heun", "edm")  # ddpmlab.diffusion.samplers.EDM_SAMPLERS: the only ones a diffusion=edm run has
 EDM_TARGET = "ddpmlab.diffusion.edm.EDMDiffusion"  # conf/diffusion/edm.yaml
-METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid")  # ddpmlab.evaluation.METRICS (tested equal)
+METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid", "rate_distortion")  # ddpmlab.evaluation.METRICS (tested equal)
+FIGURES = ("progressive", "shared_latent", "interpolation", "coarse_to_fine")  # ddpmlab.figures.FIGURES (tested equal)
+TABLES = ("paper_table2",)  # ddpmlab.table2.TABLES (tested equal)
 # Training images of the built-in datasets: a batch larger than its dataset is refused (the sampler would
 # silently shrink it to the dataset).
 DATASET_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}
@@ -223,7 +225,7 @@ TRAIN: dict[str, Rule] = {
     # diffusion: GaussianDiffusion
     "diffusion._target_": text(),
     "diffusion.betas": alias("${schedule}"),
-    "diffusion.prediction": choice("eps", "x0", "v"),
+    "diffusion.prediction": choice("eps", "x0", "v", "mean"),
     "diffusion.variance": choice("fixed_large", "fixed_small", "learned", "learned_range"),
     "diffusion.loss": choice("simple", "vlb", "hybrid"),
     "diffusion.vlb_weight": number(0, above=True),
@@ -291,13 +293,14 @@ TRAIN: dict[str, Rule] = {
     "paths.output_dir": path(),
 }
 
+CKPT_FIX = "pass ckpt=runs/<task>/<run>/checkpoints/last.ckpt, or ckpt=last for the newest training run"
 # The keys of evaluate.py's config (conf/eval.yaml); the model, diffusion and data come from the checkpoint.
 EVAL: dict[str, Rule] = {
     **{key: rule for key, rule in TRAIN.items() if key.startswith(("paths.", "logger.", "performance."))},
     "task_name": text(),
-    "ckpt": path(fix="pass ckpt=runs/<task>/<run>/checkpoints/last.ckpt, or ckpt=last for the newest training run"),
+    "ckpt": path(null=True, fix=CKPT_FIX),
     "use_ema": flag(),
-    "metrics": list_of(choice(*METRICS), min_length=1),
+    "metrics": list_of(choice(*METRICS), fix=f"choose from {', '.join(METRICS)}; [] for figures alone"),
     "seed": integer(0),
     "batch_size": integer(1),
     "data_root": path(null=True),
@@ -330,6 +333,20 @@ EVAL: dict[str, Rule] = {
     "cpu_reference_images": integer(1),
     "trainer.accelerator": TRAIN["trainer.accelerator"],
     "trainer.devices": either(integer(1), choice("auto")),
+    # Ho et al. 2020's figures (ddpmlab.figures) and Table 2 (ddpmlab.table2); a t is the paper's, 1..T (checked
+    # against the checkpoint's T once it is read)
+    "figures": list_of(choice(*FIGURES), fix=f"choose from {', '.join(FIGURES)}"),
+    "progressive.rows": integer(1),
+    "progressive.columns": integer(1),
+    "shared_latent.images": integer(1),
+    "shared_latent.t": list_of(integer(1), min_length=1, null=True, fix="null: T, 3T/4, T/2, T/4 (the paper's)"),
+    "shared_latent.samples": integer(1),
+    "interpolation.pairs": integer(1),
+    "interpolation.t": integer(1, null=True, fix="null: T/2 (the paper's 500 of 1000)"),
+    "interpolation.lambdas": list_of(number(0, 1), min_length=1, fix="mixing weights in [0, 1], e.g. [0, 0.5, 1]"),
+    "coarse_to_fine.t": list_of(integer(1), min_length=1, null=True, fix="null: T, 7T/8, ..., T/8 (the paper's)"),
+    "sweep_dir": path(null=True, fix="the folder of `python train.py -m sweep=paper_table2`"),
+    "table": choice(*TABLES, null=True),
 }
 
 
@@ -535,9 +552,31 @@ def _edm_grid_sampler(cfg) -> None:
                       "experiment=edm_fashion_mnist")
 
 
+def _one_checkpoint_or_a_sweep(cfg) -> None:
+    """evaluate.py measures one checkpoint (ckpt), or every run of a sweep laid out as a table (sweep_dir, table)."""
+    ckpt, sweep, table = cfg.get("ckpt"), cfg.get("sweep_dir"), cfg.get("table")
+    if ckpt is None and sweep is None:
+        raise problem("ckpt", MISSING, EVAL["ckpt"], f"{CKPT_FIX} (or sweep_dir=<a sweep folder> table={TABLES[0]})")
+    if sweep is None and table is not None:
+        raise problem("sweep_dir", None, f"a sweep folder for table={table}", "set sweep_dir=<the folder of python "
+                      "train.py -m sweep=paper_table2>")
+    if sweep is not None and table is None:
+        raise problem("table", None, f"a table to lay out the runs of sweep_dir={sweep} in",
+                      f"set table={TABLES[0]}")
+    if sweep is not None and ckpt is not None:
+        raise problem("ckpt", ckpt, f"unset when sweep_dir is set (every run of {sweep} is evaluated)",
+                      "drop ckpt=..., or drop sweep_dir and table")
+
+
+def _something_to_do(cfg) -> None:
+    if not cfg.metrics and not cfg.get("figures"):
+        raise problem("metrics", [], "one metric or more when figures=[] (nothing to do)",
+                      f"name metrics from {', '.join(METRICS)}, or figures from {', '.join(FIGURES)}")
+
+
 TRAIN_CROSS = (_edm_grid_sampler, _sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops,
                _edm_noise_range)
-EVAL_CROSS = (_sample_metrics_need_samples, _edm_noise_range)
+EVAL_CROSS = (_sample_metrics_need_samples, _edm_noise_range, _one_checkpoint_or_a_sweep, _something_to_do)
 
 
 def check_machine(trainer: DictConfig, key: str = "trainer") -> None:

@@ -16,7 +16,7 @@ from ddpmlab.diffusion.losses import discretized_gaussian_log_likelihood, normal
 from ddpmlab.diffusion.noise import Generator, randint, randn
 from ddpmlab.errors import ConfigError
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "mean")
 VARIANCES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSSES = ("simple", "vlb", "hybrid")
 LOSS_WEIGHTINGS = ("none", "min_snr")
@@ -39,26 +39,38 @@ def log_strata(n: int, strata: int) -> list[int]:
     return edges
 
 
+def posterior_mean_coefs(betas: Tensor) -> tuple[Tensor, Tensor]:
+    """(coef1, coef2) of q(x_{t-1} | x_t, x_0)'s mean coef1_t x_0 + coef2_t x_t (Ho et al. eq. 7), float64 (T,) each."""
+    alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return (betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod))
+
+
 class GaussianDiffusion(nn.Module):
     """Diffusion tables for one beta schedule, held as float32 buffers computed in float64.
 
     Args:
         betas: (T,) float64 schedule beta_1..beta_T.
-        prediction: what the network outputs: `eps` (Ho et al. eq. 11), `x0`, or `v`
-            (Salimans & Ho 2022, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0).
+        prediction: what the network outputs: `eps` (Ho et al. eq. 11), `x0`, `v`
+            (Salimans & Ho 2022, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0), or `mean`, the posterior
+            mean mu~_t(x_t, x_0) of eq. 7 itself (Ho et al. section 3.2, the baseline of their Table 2).
         variance: the reverse variance sigma_t^2: `fixed_small` = beta-tilde_t (eq. 7) or
             `fixed_large` = beta_t (section 3.2; at t=1 beta-tilde_2 is used, as in Nichol & Dhariwal 2021,
             so that the decoder's log-likelihood is not ruined by a tiny beta_1); or learned by extra output
             channels: `learned` (the log variance itself) or `learned_range` (iDDPM eq. 15, an interpolation
             between log beta_t and log beta-tilde_t).
-        loss: `simple` (Ho et al. eq. 14, an MSE on the prediction target), `vlb` (the bound's terms,
-            iDDPM's L_vlb) or `hybrid` = L_simple + vlb_weight * L_vlb with the mean frozen in L_vlb (iDDPM eq. 16).
+        loss: `simple` (an unweighted MSE on the prediction target: Ho et al. eq. 14 for eps, Table 2's
+            ||mu~ - mu~_theta||^2 for mean), `vlb` (the bound's terms, Ho et al. eq. 5, iDDPM's L_vlb) or
+            `hybrid` = L_simple + vlb_weight * L_vlb with the mean frozen in L_vlb (iDDPM eq. 16).
         vlb_weight: lambda of the hybrid loss (iDDPM: 0.001).
         loss_weighting: `none`, or `min_snr` (Hang et al. 2023): the MSE at t weighted so that it equals
             min(SNR_t, gamma) times the x_0 error, whatever the prediction target.
         min_snr_gamma: gamma of min_snr (Hang et al.: 5).
         timestep_map: for a respaced diffusion, the original index of each kept step; the network is
             always called with original indices.
+        network_betas: for a respaced diffusion, the original schedule: a `mean` network outputs the posterior
+            mean of the original one-step chain at its original index, whatever chain samples with it.
     """
 
     def __init__(
@@ -71,6 +83,7 @@ class GaussianDiffusion(nn.Module):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
         timestep_map: Tensor | None = None,
+        network_betas: Tensor | None = None,
     ):
         super().__init__()
         self._validate(prediction, variance, loss, loss_weighting, min_snr_gamma)
@@ -92,6 +105,13 @@ class GaussianDiffusion(nn.Module):
         posterior_log_variance = torch.log(torch.cat([first, posterior_variance[1:]]))
         large_variance = torch.cat([first, betas[1:]])
         snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        posterior_mean_coef1, posterior_mean_coef2 = posterior_mean_coefs(betas)
+        if timestep_map is None:
+            timestep_map = torch.arange(self.num_timesteps)
+        # The eq. 7 coefficients of the chain the network was trained on, at each step's original index (the
+        # mean parameterisation's output is read with these; a respaced chain has its own posterior).
+        self.network_betas64 = betas if network_betas is None else torch.as_tensor(network_betas, dtype=torch.float64)
+        network_coef1, network_coef2 = (coef[timestep_map] for coef in posterior_mean_coefs(self.network_betas64))
         tables = {
             "betas": betas,
             "log_betas": betas.log(),
@@ -103,15 +123,15 @@ class GaussianDiffusion(nn.Module):
             "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": posterior_log_variance,
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef1": posterior_mean_coef1,
+            "posterior_mean_coef2": posterior_mean_coef2,
+            "network_mean_coef1": network_coef1,
+            "network_mean_coef2": network_coef2,
             "model_log_variance": posterior_log_variance if variance == "fixed_small" else large_variance.log(),
-            "mse_weight": self._mse_weights(snr),
+            "mse_weight": self._mse_weights(snr, posterior_mean_coef1),
         }
         for name, table in tables.items():
             self.register_buffer(name, table.float(), persistent=False)
-        if timestep_map is None:
-            timestep_map = torch.arange(self.num_timesteps)
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
 
     @staticmethod
@@ -133,13 +153,15 @@ class GaussianDiffusion(nn.Module):
         if not min_snr_gamma > 0:
             raise ConfigError(f"diffusion.min_snr_gamma must be positive, got {min_snr_gamma}")
 
-    def _mse_weights(self, snr: Tensor) -> Tensor:
+    def _mse_weights(self, snr: Tensor, coef1: Tensor) -> Tensor:
         """Per-t weight of the MSE: min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, and
-        min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023, eq. 7 and section 3.4); ones without weighting."""
+        min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023, eq. 7 and section 3.4); for mean, whose error is
+        coef1_t times the x_0 error (eq. 7), min(SNR, gamma) / coef1_t^2. Ones without weighting."""
         if self.loss_weighting == "none":
             return torch.ones_like(snr)
         clipped = snr.clamp(max=self.min_snr_gamma)
-        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[self.prediction]
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0),
+                "mean": clipped / coef1**2}[self.prediction]
 
     def output_channels(self, channels: int) -> int:
         """The network's output channels for images of `channels`: twice as many when it also outputs the variance."""
@@ -178,19 +200,27 @@ class GaussianDiffusion(nn.Module):
         """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v (Salimans & Ho 2022, section 4)."""
         return _gather(self.sqrt_alphas_cumprod, t, x_t) * x_t - _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
 
+    def predict_x0_from_mean(self, x_t: Tensor, t: Tensor, mean: Tensor) -> Tensor:
+        """x_0 = (mu~ - coef2_t x_t) / coef1_t, eq. 7's posterior mean solved for x_0, with the coefficients of
+        the network's own chain (coef1_1 = 1, coef2_1 = 0: at t = 1 the mean is x_0)."""
+        return (mean - _gather(self.network_mean_coef2, t, x_t) * x_t) / _gather(self.network_mean_coef1, t, x_t)
+
     def training_target(self, x_0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """What the network regresses onto for the configured prediction type."""
         if self.prediction == "eps":
             return eps
         if self.prediction == "x0":
             return x_0
+        if self.prediction == "mean":  # mu~_t(x_t, x_0), eq. 7, at x_t = q_sample(x_0, t, eps)
+            return self.q_posterior_mean_variance(x_0, self.q_sample(x_0, t, eps), t)[0]
         return _gather(self.sqrt_alphas_cumprod, t, x_0) * eps - _gather(self.sqrt_one_minus_alphas_cumprod, t, x_0) * x_0
 
     def model_x0_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The network's output turned into its estimates of (x_0, eps)."""
         if self.prediction == "eps":
             return self.predict_x0_from_eps(x_t, t, model_output), model_output
-        x_0 = model_output if self.prediction == "x0" else self.predict_x0_from_v(x_t, t, model_output)
+        x_0 = {"x0": lambda: model_output, "v": lambda: self.predict_x0_from_v(x_t, t, model_output),
+               "mean": lambda: self.predict_x0_from_mean(x_t, t, model_output)}[self.prediction]()
         return x_0, self.predict_eps_from_x0(x_t, t, x_0)
 
     # ---- reverse process ------------------------------------------------------------------------
@@ -228,6 +258,9 @@ class GaussianDiffusion(nn.Module):
         """p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I): mu_theta is the posterior mean at the model's x_0 (eq. 6, 11).
 
         With clip_denoised the x_0 estimate is clipped to the data range [-1, 1] first, as in Ho et al.'s sampler.
+        For the `mean` parameterisation this is the network's output itself (up to rounding) on its own chain
+        without clipping; clipped, or on a respaced chain, it goes through the x_0 the output implies, as every
+        other parameterisation does.
         """
         return self.p_from_output(model(x_t, self.timestep_map[t]), x_t, t, clip_denoised)
 
@@ -242,10 +275,14 @@ class GaussianDiffusion(nn.Module):
 
     def p_sample(self, model, x_t: Tensor, t: Tensor, generator: Generator = None) -> Tensor:
         """One ancestral step x_{t-1} = mu_theta + sigma_t z, with no noise at the last step (Algorithm 2)."""
+        return self.p_sample_x0(model, x_t, t, generator)[0]
+
+    def p_sample_x0(self, model, x_t: Tensor, t: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor]:
+        """p_sample's x_{t-1}, and the (clipped) x_0 prediction it was drawn around: Ho et al. eq. 15's x^_0."""
         out = self.p_mean_variance(model, x_t, t)
         z = randn(x_t.shape, generator, x_t.device)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * z
+        return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -294,29 +331,40 @@ class GaussianDiffusion(nn.Module):
         t > 0 (paper's t >= 2): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)).
         t = 0 (paper's t = 1):  L_0 = -log p(x_0 | x_1), the discretized Gaussian decoder (eq. 13).
         """
+        return self._vb_and_x0(output, x_0, x_t, t, clip_denoised)[0]
+
+    def _vb_and_x0(self, output: Tensor, x_0: Tensor, x_t: Tensor, t: Tensor,
+                   clip_denoised: bool) -> tuple[Tensor, Tensor]:
+        """vb_terms_from_output's (B,) terms and the x_0 prediction (B, C, H, W) they were computed around."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_0, x_t, t)
         out = self.p_from_output(output, x_t, t, clip_denoised=clip_denoised)
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]).flatten(1).mean(1)
         decoder_nll = -discretized_gaussian_log_likelihood(x_0, out["mean"], 0.5 * out["log_variance"]).flatten(1).mean(1)
-        return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl) / math.log(2.0), out["pred_x0"]
 
     @torch.no_grad()
     def calc_bpd_loop(self, model, x_0: Tensor, generator: Generator = None,
                       clip_denoised: bool = True, progress: bool = False, timesteps=None) -> dict[str, Tensor]:
         """The full bound L = L_T + sum_t L_{t-1} + L_0 for each example, in bits/dim, over every t (Ho et al. eq. 5).
 
-        Returns total (B,), prior = L_T (B,), and terms (B, T) with terms[:, 0] = L_0 and terms[:, i] = L_i.
+        Returns total (B,), prior = L_T (B,), terms (B, T) with terms[:, 0] = L_0 and terms[:, i] = L_i, and
+        x0_mse (B, T): x0_mse[:, i] = mean over pixels of (x^_0 - x_0)^2, x^_0 the network's (clipped, with
+        clip_denoised) x_0 prediction from the very x_{i+1} ~ q(x_{i+1} | x_0) its term i was computed at (the
+        same network call): the distortion of section 4.3's progressive code at the paper's t = i + 1.
         `timesteps` (default all, from T-1 down) limits the terms computed; the others stay 0 (the benchmark
         times part of the loop).
         """
         terms = torch.zeros(x_0.shape[0], self.num_timesteps, device=x_0.device)
+        x0_mse = torch.zeros_like(terms)
         order = list(reversed(range(self.num_timesteps))) if timesteps is None else list(timesteps)
         for i in track(order, total=len(order), disable=not progress, desc="bound", leave=False):
             t = torch.full((x_0.shape[0],), i, device=x_0.device, dtype=torch.long)
             eps = randn(x_0.shape, generator, x_0.device)
-            terms[:, i] = self.vb_terms_bpd(model, x_0, self.q_sample(x_0, t, eps), t, clip_denoised)
+            x_t = self.q_sample(x_0, t, eps)
+            terms[:, i], pred_x0 = self._vb_and_x0(model(x_t, self.timestep_map[t]), x_0, x_t, t, clip_denoised)
+            x0_mse[:, i] = (pred_x0 - x_0).pow(2).flatten(1).mean(1)
         prior = self.prior_bpd(x_0)
-        return {"total": terms.sum(1) + prior, "prior": prior, "terms": terms}
+        return {"total": terms.sum(1) + prior, "prior": prior, "terms": terms, "x0_mse": x0_mse}
 
     def decoder_bpd(self, model, x_0: Tensor, eps: Tensor, clip_denoised: bool = True) -> Tensor:
         """L_0 = -log p(x_0 | x_1) at x_1 = q_sample(x_0, t=1, eps), in bits/dim (Ho et al. eq. 13). Shape (B,)."""
@@ -383,5 +431,6 @@ class GaussianDiffusion(nn.Module):
         respaced = GaussianDiffusion(
             1.0 - alphas_cumprod / prev, self.prediction, self.variance, self.loss, self.vlb_weight,
             self.loss_weighting, self.min_snr_gamma, timestep_map=self.timestep_map.cpu()[kept],
+            network_betas=self.network_betas64,
         )
         return respaced.to(self.betas.device)

@@ -2,9 +2,10 @@
 
 `get_sampler(name, **options)` maps the names used by configs (`sampler=...`) to the functions.
 `generator` is one torch.Generator, or an ExampleNoise (noise.py): per-example streams, for batch-independent results.
-`on_step(i, x)`, if given, sees the state after each step i = K-1 .. 0 (a denoising strip, a notebook's plot).
 `heun` and `edm` are Karras et al. 2022's samplers (ddpmlab.diffusion.karras); they alone apply to an EDM checkpoint,
 and `network_calls` says what each sampler costs.
+`on_step(i, x, x_0)`, if given, sees after each step i = K-1 .. 0 the state x and the model's x_0 prediction at
+that step (None where a sampler has none): a denoising strip, Ho et al.'s progressive generation (Fig. 6).
 """
 
 import functools
@@ -39,9 +40,9 @@ def ancestral(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gener
     check_steps("ancestral", steps, diffusion.num_timesteps)
     x = randn(shape, generator, diffusion.betas.device)
     for t in _timesteps(diffusion, shape, progress):
-        x = diffusion.p_sample(model, x, t, generator)
+        x, x_0 = diffusion.p_sample_x0(model, x, t, generator)
         if on_step is not None:
-            on_step(int(t[0]), x)
+            on_step(int(t[0]), x, x_0)
     return x.clamp(-1.0, 1.0)
 
 
@@ -73,7 +74,7 @@ def ddim(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], generator:
         if eta > 0:
             x = x + sigma * randn(shape, generator, x.device)
         if on_step is not None:
-            on_step(int(t[0]), x)
+            on_step(int(t[0]), x, x_0)
     return x.clamp(-1.0, 1.0)
 
 
@@ -102,7 +103,7 @@ def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gene
         x_0, _ = spaced.denoise(model, x, t)
         if i == 0:
             if on_step is not None:
-                on_step(0, x_0)
+                on_step(0, x_0, x_0)
             return x_0.clamp(-1.0, 1.0)
         h = (lam[i - 1] - lam[i]).item()
         half_inv_r = 0.0 if prev_h is None else h / (2 * prev_h)  # 1 / (2 r_i)
@@ -110,7 +111,7 @@ def dpm_solver(model, diffusion: GaussianDiffusion, shape: tuple[int, ...], gene
         x = (sigma[i - 1] / sigma[i]).item() * x - (alpha[i - 1] * math.expm1(-h)).item() * d
         prev_x0, prev_h = x_0, h
         if on_step is not None:
-            on_step(i, x)
+            on_step(i, x, x_0)
     return x.clamp(-1.0, 1.0)
 
 

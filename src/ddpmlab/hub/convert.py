@@ -247,6 +247,9 @@ def scheduler_from_diffusion(schedule: dict, diffusion_cfg: dict, betas: torch.T
     if variance not in VARIANCES.values():
         raise refuse("diffusion.variance", variance, "diffusers' DDPMScheduler reads a learned output as the "
                      "variance itself (ours: its log); use learned_range")
+    if diffusion_cfg["prediction"] not in PREDICTIONS.values():
+        raise refuse("diffusion.prediction", diffusion_cfg["prediction"], "diffusers' DDPMScheduler reads an output "
+                     f"as one of {', '.join(PREDICTIONS)}, none of them the posterior mean")
     linear = schedule.get("_target_") == "ddpmlab.diffusion.schedules.linear_betas"
     prediction = {ours: theirs for theirs, ours in PREDICTIONS.items()}[diffusion_cfg["prediction"]]
     return {
