@@ -186,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _check_output_dir(output_dir)  # a run continued in place may of course hold its own checkpoints
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = build(cfg.data)
+    datamodule = build(cfg.data, num_classes=cfg.model.get("num_classes"))  # labels only for a conditional model
     module = build_module(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else {}
     fit_from, changed, notes = cfg.ckpt_path, [], []
@@ -204,6 +204,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_matches(module, {"state_dict": with_fresh_state(checkpoint["state_dict"], module, module.restarted)},
                       cfg.ckpt_path)
         check_optimized_metric(cfg, int(checkpoint.get("global_step", 0)))
+        # a resume trains on the classes its label embedding indexes: the data's must be the checkpoint's
+        datamodule.class_names = ((checkpoint.get("config") or {}).get("data") or {}).get("class_names")
     else:
         check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
     if cfg.init_from is not None:
@@ -213,6 +215,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         fraction = cfg.data.get("test_fraction")  # image folders only
         held_out = f" (after data.test_fraction={fraction})" if fraction else ""
         check_batch_fits(cfg, len(datamodule.train_images), f"{cfg.data.dataset} {datamodule.source}{held_out}")
+    if datamodule.class_names is not None:  # the checkpoint's config says which label is which class
+        module.config["data"]["class_names"] = datamodule.class_names
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
     if cfg.val.num_images:
@@ -220,7 +224,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if datamodule.test_split == NO_HELD_OUT:
             notes.append(f"val/bpd is measured on training images: {datamodule.source} has no held-out split, so it "
                          "cannot show overfitting; give it a test/ folder, or set data.test_fraction=0.1")
-        callbacks.append(ValidationBound(datamodule.test_images, split=datamodule.test_split, **cfg.val))
+        callbacks.append(ValidationBound(datamodule.test_images, labels=datamodule.test_labels,
+                                         split=datamodule.test_split, **cfg.val))
     if any(key.startswith("optim.") for key in changed):
         callbacks.append(ApplyOptimChanges())
     loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]

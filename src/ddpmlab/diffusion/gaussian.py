@@ -59,6 +59,9 @@ class GaussianDiffusion(nn.Module):
         min_snr_gamma: gamma of min_snr (Hang et al.: 5).
         timestep_map: for a respaced diffusion, the original index of each kept step; the network is
             always called with original indices.
+        cond_drop_prob: for a class-conditional network, the share of training examples whose label is
+            replaced by "no class" (`drop_labels`; Ho & Salimans 2022: 0.1 or 0.2), which trains the
+            unconditional model that classifier-free guidance needs; unused without labels.
     """
 
     def __init__(
@@ -71,9 +74,14 @@ class GaussianDiffusion(nn.Module):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
         timestep_map: Tensor | None = None,
+        cond_drop_prob: float = 0.0,
     ):
         super().__init__()
         self._validate(prediction, variance, loss, loss_weighting, min_snr_gamma)
+        if not (isinstance(cond_drop_prob, (int, float)) and 0 <= cond_drop_prob < 1):
+            raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {cond_drop_prob!r}: Ho & Salimans "
+                              "use 0.1 or 0.2")
+        self.cond_drop_prob = cond_drop_prob
         self.prediction, self.variance, self.loss = prediction, variance, loss
         self.vlb_weight, self.loss_weighting, self.min_snr_gamma = vlb_weight, loss_weighting, min_snr_gamma
         self.learns_variance = variance.startswith("learned")
@@ -274,6 +282,14 @@ class GaussianDiffusion(nn.Module):
                 "hybrid": mse + self.vlb_weight * self.num_timesteps * vb}[self.loss]
         return {"loss": loss, "mse": mse.detach(), "vb": vb.detach()}
 
+    def drop_labels(self, y: Tensor | None, null_label: int) -> Tensor | None:
+        """Each label replaced by `null_label` ("no class") with probability cond_drop_prob, independently per
+        example (Ho & Salimans 2022, Algorithm 1: c <- none with probability p_uncond). Drawn from the global RNG,
+        as t and eps are: per DDP rank, and restored on resume. No labels, no draw."""
+        if y is None or not self.cond_drop_prob:
+            return y
+        return torch.where(torch.rand(y.shape, device=y.device) < self.cond_drop_prob, torch.full_like(y, null_label), y)
+
     # ---- the variational bound (Ho et al. eq. 5), in bits per dimension -----------------------
 
     def prior_bpd(self, x_0: Tensor) -> Tensor:
@@ -383,5 +399,6 @@ class GaussianDiffusion(nn.Module):
         respaced = GaussianDiffusion(
             1.0 - alphas_cumprod / prev, self.prediction, self.variance, self.loss, self.vlb_weight,
             self.loss_weighting, self.min_snr_gamma, timestep_map=self.timestep_map.cpu()[kept],
+            cond_drop_prob=self.cond_drop_prob,
         )
         return respaced.to(self.betas.device)
