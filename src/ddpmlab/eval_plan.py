@@ -89,8 +89,27 @@ def sampling_settings(cfg) -> list[tuple[str, int | None]]:
     return [(name, steps) for name in as_list(cfg.sampler) for steps in as_list(cfg.sampling_steps)]
 
 
-def sampling_phase(name: str, steps) -> str:
-    return f"sampling ({name}, {steps or 'all'} steps)"
+def guidance_scales(cfg, num_classes: int | None) -> list[float | None]:
+    """The guidance scales w to sample at: [None] for an unconditional model; `guidance_scale` (one w or a list)
+    for a conditional one, [0.0] (the conditional model) when it is null."""
+    if num_classes is None:
+        return [None]
+    scales = cfg.guidance_scale
+    return [0.0] if scales is None else [float(w) for w in (scales if OmegaConf.is_list(scales) or
+                                                            isinstance(scales, (list, tuple)) else [scales])]
+
+
+def nll_conditions(metric: str, num_classes: int | None) -> list[tuple[str | None, str, str]]:
+    """(what the model is given, the results' key, the phase's name) of each pass of NLL `metric`: one, as it is,
+    for an unconditional model; given the true labels and given "no class" for a conditional one."""
+    name = {"nll": "NLL (full bound)", "nll_estimate": "NLL (estimate)"}[metric]
+    if num_classes is None:
+        return [(None, metric, name)]
+    return [(given, f"{metric} given {given}", f"{name[:-1]}, given {given})") for given in ("true labels", "no class")]
+
+
+def sampling_phase(name: str, steps, scale: float | None = None) -> str:
+    return f"sampling ({name}, {steps or 'all'} steps{'' if scale is None else f', w={scale:g}'})"
 
 
 def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
@@ -103,23 +122,25 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     device, T = fabric.device, diffusion.num_timesteps
     share = fabric.world_size if device.type == "cuda" else 1  # CPU processes share the same cores
     cost, lines, images = Estimate(), [], [0]
-    counts = {"nll": ("NLL (full bound)", T, f"all {T} t"),
-              "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
-    for key, (name, calls, how) in counts.items():
-        if key in cfg.metrics:
+    num_classes = model.num_classes
+    counts = {"nll": (T, f"all {T} t"), "nll_estimate": (cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
+    for key, (calls, how) in counts.items():
+        for given, _, name in nll_conditions(key, num_classes) if key in cfg.metrics else ():
             data.setup("test")
             n = min(cfg[key].num_images or len(data.test_images), len(data.test_images))
             images.append(n)
             cost.add(name, n * calls, "network", share)
-            lines.append(f"{key}: {n} test images x {calls} network calls ({how})")
+            lines.append(f"{key}: {n} test images x {calls} network calls ({how}){f', given {given}' if given else ''}")
     if fidelity is not None:
         images.append(cfg.num_samples)
         for name, steps in sampling_settings(cfg):
-            calls = steps or T
-            cost.add(sampling_phase(name, steps), cfg.num_samples * calls, "network", share)
-            cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
-            lines.append(f"samples: {cfg.num_samples} x {name}, {calls} steps ({cfg.num_samples * calls:,} network "
-                         f"calls), then their features")
+            for scale in guidance_scales(cfg, num_classes):
+                calls = (steps or T) * (2 if scale else 1)  # guided: the conditional and "no class" branches
+                cost.add(sampling_phase(name, steps, scale), cfg.num_samples * calls, "network", share)
+                cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
+                guidance = "" if scale is None else f", guidance w={scale:g}{' (2 images a call)' if scale else ''}"
+                lines.append(f"samples: {cfg.num_samples} x {name}, {steps or T} steps{guidance} "
+                             f"({cfg.num_samples * calls:,} network calls), then their features")
         cached = fidelity.reference_cached
         if fidelity.reference_layers and not cached:
             cost.add("features (reference)", len(fidelity.reference), "features")
