@@ -487,24 +487,24 @@ def _sample_metrics_need_samples(cfg) -> None:
 
 
 def check_conditioning(labels, guidance_scale, num_classes: int | None, cond_drop_prob: float, prefix: str,
-                       model: str) -> None:
+                       model: str, verb: str = "train with") -> None:
     """`labels` and `guidance_scale` (one w or a list) against the model they sample (`model`, in words): labels
     and guidance need a class-conditional model, labels lie in [0, num_classes), and guidance (w > 0) needs the
-    "no class" label trained (diffusion.cond_drop_prob > 0)."""
+    "no class" label trained (diffusion.cond_drop_prob > 0). `verb`: how the fix gets such a model ("set" in a run)."""
     scales = [w for w in (guidance_scale if isinstance(guidance_scale, (list, ListConfig)) else [guidance_scale])
               if w is not None]
-    unconditional = f"null for {model}, which is unconditional (model.num_classes=null)"
     if num_classes is None:
         for key, value in ((f"{prefix}labels", labels), (f"{prefix}guidance_scale", guidance_scale)):
             if value is not None:
-                raise problem(key, value, unconditional, f"drop {key}, or use a model trained with model.num_classes=N")
+                raise problem(key, value, f"null for {model}, which is unconditional (model.num_classes=null)",
+                              f"drop {key}, or {verb} model.num_classes=N")
         return
     if isinstance(labels, (list, ListConfig)) and any(not 0 <= c < num_classes for c in labels):
         raise problem(f"{prefix}labels", list(labels), f"all or classes in 0..{num_classes - 1} (the {num_classes} "
                       f"classes of {model})", f"e.g. {prefix}labels=[0,{num_classes - 1}], or {prefix}labels=all")
     if not cond_drop_prob and any(scales):
         raise problem(f"{prefix}guidance_scale", guidance_scale, f"0 for {model}, whose \"no class\" label was never "
-                      "trained (diffusion.cond_drop_prob=0)", f"set {prefix}guidance_scale=0, or train with "
+                      "trained (diffusion.cond_drop_prob=0)", f"set {prefix}guidance_scale=0, or {verb} "
                       "diffusion.cond_drop_prob=0.1")
 
 
@@ -512,7 +512,7 @@ def _sample_grid_conditioning(cfg) -> None:
     grid = OmegaConf.select(cfg, "callbacks.sample_grid")
     if grid:
         check_conditioning(grid.get("labels"), grid.get("guidance_scale"), cfg.model.get("num_classes"),
-                           cfg.diffusion.get("cond_drop_prob", 0.0), "callbacks.sample_grid.", "this run")
+                           cfg.diffusion.get("cond_drop_prob", 0.0), "callbacks.sample_grid.", "this run", verb="set")
 
 
 TRAIN_CROSS = (_sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops, _sample_grid_conditioning)
