@@ -269,3 +269,19 @@ def test_the_two_ranks_of_a_ddp_run_drop_different_labels(tmp_path):
     assert [s[1] for s in ranks[0]] == [s[1] for s in ranks[1]] == [0, 1, 2]
     drops = [[[s == 10 for s in seen] for _, _, seen, _ in rank] for rank in ranks]
     assert drops[0] != drops[1]  # each rank its own draws (8 labels a step at 1/2: equal by chance 2^-24)
+
+
+@pytest.mark.slow
+def test_an_optuna_search_takes_the_label_dropout_as_a_search_dimension(tmp_path):
+    """`python train.py -m hparams_search=optuna_cpu model.num_classes=10 'diffusion.cond_drop_prob=choice(0.1,0.3)'`:
+    Hydra's Optuna sweeper reads a sweep override as one more dimension; each trial trains with the value it drew."""
+    from tests.test_search import search
+
+    done = search(tmp_path, "model.num_classes=10", "diffusion.cond_drop_prob=choice(0.1,0.3)", "hydra.sweeper.n_trials=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn = []
+    for trial in ("0", "1"):
+        config = load_checkpoint(tmp_path / "sweep" / trial / "checkpoints" / "last.ckpt")["config"]
+        assert config["model"]["num_classes"] == 10 and len(config["data"]["class_names"]) == 10
+        drawn.append(config["diffusion"]["cond_drop_prob"])
+    assert set(drawn) <= {0.1, 0.3}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpmlab.data import DiffusionDataModule, evaluation_subset
 from ddpmlab.errors import ConfigError
@@ -126,9 +127,11 @@ def test_the_nll_of_a_conditional_model_is_given_the_true_labels_and_given_no_cl
 
 def test_val_bpd_of_a_conditional_run_is_evaluates_estimate_given_the_true_labels(tmp_path):
     """val/bpd during training is the bound given the test images' true labels, the same images and noise as
-    evaluate.py's nll_estimate with seed = val.seed - 1."""
-    metrics = train(compose_config("experiment=smoke", "model.num_classes=10", "callbacks.sample_grid=null",
-                                   output_dir=tmp_path / "run"))
+    evaluate.py's nll_estimate with seed = val.seed - 1; the run's guided grid has one row per class."""
+    metrics = train(compose_config("experiment=smoke", "model.num_classes=10", "callbacks.sample_grid.num_samples=20",
+                                   "callbacks.sample_grid.guidance_scale=1", output_dir=tmp_path / "run"))
+    # the training grid: one row per class, 20 // 10 = 2 images each (28 + 2 pixels of padding a cell)
+    assert Image.open(tmp_path / "run" / "samples" / "final.png").size == (2 * 30 + 2, 10 * 30 + 2)
     record = evaluate(compose_eval(f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "metrics=[nll_estimate]",
                                    "nll_estimate.num_images=8", "nll_estimate.timesteps=4", "seed=0",
                                    output_dir=tmp_path / "eval"))

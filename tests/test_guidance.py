@@ -137,3 +137,14 @@ def test_sample_labels_give_every_class_in_blocks_or_cycle_a_list():
     assert sample_labels(range(7), "all", 3, 7).tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert sample_labels(range(5), [4, 1], 5, 5).tolist() == [4, 1, 4, 1, 4]
     assert sample_labels(range(5), None, None, 5) is None
+
+
+@pytest.mark.parametrize(("overrides", "unconditional"), [([], 1_112_801), (["experiment=ddpm_cifar10"], 35_746_307)])
+def test_the_class_embedding_adds_n_plus_one_rows_of_4_ch_to_every_preset(overrides, unconditional, tmp_path):
+    """docs/conditioning.md's parameter counts: the default U-Net and Ho et al.'s CIFAR-10 one, with 10 classes."""
+    from ddpmlab.training import build_network
+    from tests.conftest import compose_config
+
+    count = lambda *o: sum(p.numel() for p in build_network(compose_config(*overrides, *o, f"data.root={tmp_path}"))[0].parameters())  # noqa: E731
+    ch = compose_config(*overrides, f"data.root={tmp_path}").model.ch
+    assert count() == unconditional and count("model.num_classes=10") == unconditional + 11 * 4 * ch

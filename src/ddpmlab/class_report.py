@@ -71,15 +71,18 @@ def per_class_table(rows: list[dict], names: list[str] | None) -> str:
 
         def value(metric, c, digits):
             row = cell.get((metric, c)) if c is not None else overall.get(metric)
-            return "n/a" if row is None or row["value"] is None else f"{row['value']:.{digits}f}"
+            return _number(row and row["value"], digits)
 
         for c in [*range(len(names or [])), "mean", None]:
             acc = cell.get(("class_accuracy", c)) if c is not None else overall.get("class_accuracy")
-            acc_text = "" if c == "mean" else "n/a" if acc is None or acc["value"] is None else \
-                f"{acc['value']:.3f} ({acc['ceiling']:.3f})"
+            acc_text = "" if c == "mean" else f"{_number(acc and acc['value'], 3)} ({_number(acc and acc['ceiling'], 3)})"
             label = "all" if c is None else "mean of classes" if c == "mean" else class_name(names, c)
             out.append(f"| {label} | {acc_text} | {value('fid', c, 2)} | {value('kid', c, 4)} |")
     return "\n".join(out)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def save_class_grid(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, columns: int = 10) -> None:
