@@ -86,8 +86,9 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def save_class_grid(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, columns: int = 10) -> None:
-    """uint8 samples as a grid with one row per class: the first `columns` samples of each class (black where a
-    class has fewer)."""
+    """uint8 samples as a grid with one row per class: the first `columns` samples of each class (at most as many as
+    the most frequent class has; black where a class has fewer)."""
+    columns = min(columns, int(torch.bincount(labels, minlength=num_classes).max()))
     rows = []
     for c in range(num_classes):
         mine = samples[labels == c][:columns]
