@@ -232,8 +232,8 @@ def folder_labels(root: Path, files: list[Path], train_files: list[Path]) -> tup
         if len(parts) < 2:
             return None, None
         classes.append(parts[0])
-    names = sorted(set(classes))
-    trained = {c for p, c in zip(files, classes) if p in set(train_files)}
+    names, train_files = sorted(set(classes)), set(train_files)
+    trained = {c for p, c in zip(files, classes) if p in train_files}
     missing = [name for name in names if name not in trained]
     if missing:
         raise ConfigError(f"{root}: class {missing[0]!r} has test images and no training images: add training "
@@ -386,9 +386,9 @@ class DiffusionDataModule(L.LightningDataModule):
             composited onto; None refuses images with transparency.
         path: shards only: the folder `python -m ddpmlab.prepare` wrote; its splits are read from disk as
             needed (ShardImages) and training streams them (ddpmlab.shards).
-        num_classes: the class-conditional model's model.num_classes, or None: then labels are read
-            (LABEL_READERS), must number num_classes classes, and batches are (images, labels); without it
-            batches are the images alone and no label is read.
+        num_classes: a class-conditional model's model.num_classes: the labels are read (LABEL_READERS), must
+            number that many classes, and batches are (images, labels). None (unconditional): batches are the
+            images alone and no label is read.
         class_names: the classes a checkpoint was trained on (stored in its config): the data's must be these.
     """
 
