@@ -169,12 +169,12 @@ class RecordLabels(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.first = True
 
-        def record(module, args):
-            if self.first and len(args) == 3:
-                RecordLabels.seen.append((trainer.global_rank, trainer.global_step, args[2].tolist(), self.batch))
+        def record(module, args, kwargs):
+            if self.first and kwargs.get("y") is not None:
+                RecordLabels.seen.append((trainer.global_rank, trainer.global_step, kwargs["y"].tolist(), self.batch))
                 self.first = False
 
-        pl_module.model.register_forward_pre_hook(record)
+        pl_module.model.register_forward_pre_hook(record, with_kwargs=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.first, self.batch = True, batch[1].tolist()

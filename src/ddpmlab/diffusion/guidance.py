@@ -1,7 +1,7 @@
 """Class conditioning and classifier-free guidance as wrappers of the network.
 
 Samplers, the bound and the grids call a model as `model(x_t, t)`; a class-conditional network is
-`net(x_t, t, y)`. `conditioned(net, y)` and `guided(net, y, w)` turn the second into the first, so every
+`net(x_t, t, y=labels)` (a keyword, which a wrapper such as a preconditioning can pass on to the network it wraps). `conditioned(net, y)` and `guided(net, y, w)` turn the second into the first, so every
 sampler guides without a change of its own. Labels are indices in [0, N) for N classes, and N itself is
 "no class" (models.UNet's extra embedding row), the unconditional model of Ho & Salimans 2022 (arXiv 2207.12598).
 """
@@ -14,7 +14,7 @@ def conditioned(net, labels: Tensor | None):
     """`net` as a callable (x_t, t) -> output that conditions every call on `labels` (B,); None: `net` itself."""
     if labels is None:
         return net
-    return lambda x_t, t: net(x_t, t, labels)
+    return lambda x_t, t: net(x_t, t, y=labels)
 
 
 def guided(net, labels: Tensor | None, scale: float, null_label: int | None = None):
@@ -44,7 +44,7 @@ def guided(net, labels: Tensor | None, scale: float, null_label: int | None = No
 
     def model(x_t: Tensor, t: Tensor) -> Tensor:
         channels = x_t.shape[1]
-        out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)]))
+        out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([labels, torch.full_like(labels, null)]))
         cond, uncond = out.chunk(2)  # (2B, C', H, W) -> 2 x (B, C', H, W)
         prediction = (1 + scale) * cond[:, :channels] - scale * uncond[:, :channels]
         return torch.cat([prediction, cond[:, channels:]], 1)
