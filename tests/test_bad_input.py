@@ -125,6 +125,26 @@ CASES = [
      "error: sweep_dir must be a sweep folder for table=paper_table2"),
     ("evaluate_sweep_dir_not_a_folder", "evaluate", "sweep_dir={file} table=paper_table2",
      "error: sweep_dir={file} is not a folder"),
+    ("conditional_model_on_images_without_class_folders", "train",
+     "model.num_classes=2 data=image_folder data.channels=1 data.image_size=28 data.root={few}",
+     "error: model.num_classes=2 needs class labels, and image_folder data.root={few} has none: put each class's "
+     "images in a folder of its own, data.root/<class>/"),
+    ("num_classes_other_than_the_datas", "train", "model.num_classes=5",
+     "error: model.num_classes=5 but fashion_mnist data.root="),
+    ("cond_drop_prob_of_one", "train", "diffusion.cond_drop_prob=1",
+     "error: diffusion.cond_drop_prob must be in [0, 1), got 1: Ho & Salimans use 0.1 or 0.2"),
+    ("grid_guidance_of_an_unconditional_run", "train", "callbacks.sample_grid.guidance_scale=2",
+     "error: callbacks.sample_grid.guidance_scale must be null for this run, which is unconditional "
+     "(model.num_classes=null), got 2: drop callbacks.sample_grid.guidance_scale, or set model.num_classes=N"),
+    ("evaluate_guidance_of_an_unconditional_checkpoint", "evaluate", "ckpt={good} guidance_scale=[0,2]",
+     "error: guidance_scale must be null for checkpoint {good}, which is unconditional (model.num_classes=null), "
+     "got [0, 2]: drop guidance_scale, or train with model.num_classes=N"),
+    ("evaluate_labels_outside_the_classes", "evaluate", "ckpt={cond} labels=[3,10]",
+     "error: labels must be all or classes in 0..9 (the 10 classes of checkpoint {cond}), got [3, 10]: e.g. "
+     "labels=[0,9], or labels=all"),
+    ("evaluate_guidance_without_a_trained_no_class", "evaluate", "ckpt={no_drop} guidance_scale=2",
+     "error: guidance_scale must be 0 for checkpoint {no_drop}, whose \"no class\" label was never trained "
+     "(diffusion.cond_drop_prob=0), got 2: set guidance_scale=0, or train with diffusion.cond_drop_prob=0.1"),
 ]
 
 
@@ -135,7 +155,8 @@ def catalogue(tmp_path_factory):
     files = {"file": root / "a_file.txt", "empty": root / "empty", "images": root / "images",
              "corrupt": root / "corrupt.ckpt", "malicious": root / "malicious.ckpt", "other": root / "other.ckpt",
              "used": root / "used_run", "good": root / "good" / "checkpoints" / "last.ckpt", "run": root / "good",
-             "few": root / "few", "edm": root / "edm" / "checkpoints" / "last.ckpt"}
+             "few": root / "few", "edm": root / "edm" / "checkpoints" / "last.ckpt",
+             "cond": root / "cond" / "checkpoints" / "last.ckpt", "no_drop": root / "no_drop.ckpt"}
     files["file"].write_text("not a folder")
     files["empty"].mkdir()
     files["images"].mkdir()
@@ -159,6 +180,11 @@ def catalogue(tmp_path_factory):
     train(compose_config("experiment=smoke", output_dir=root / "good"))
     train(compose_config("experiment=smoke", "diffusion=edm", "callbacks.sample_grid.sampler=heun", "val.num_images=0",
                          "optimized_metric=null", output_dir=root / "edm"))
+    train(compose_config("experiment=smoke", "model.num_classes=10", "trainer.max_steps=2", "callbacks.sample_grid=null",
+                         output_dir=root / "cond"))
+    conditional = torch.load(files["cond"], weights_only=True)
+    conditional["config"]["diffusion"]["cond_drop_prob"] = 0.0  # as if trained without label dropout
+    torch.save(conditional, files["no_drop"])
     before = _fingerprint(root)
 
     def run(case):

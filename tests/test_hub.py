@@ -378,3 +378,55 @@ def test_train_fine_tunes_an_imported_checkpoint_and_init_from_refuses_another_n
     refused = train_py(f"init_from={tmp_path / 'tiny.ckpt'}", *other, *common, f"hydra.run.dir={tmp_path / 'bad'}")
     assert refused.returncode == 2 and not (tmp_path / "bad").exists(), refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1].endswith("add the override(s) model.norm_eps=1e-06")
+
+
+def test_a_conditional_run_exports_its_class_embedding_and_imports_back_exactly(tmp_path):
+    """model.num_classes=10 is UNet2DModel's num_class_embeds=11 (the 10 classes and "no class"): diffusers' network
+    given class_labels computes ours given y; the import gives back every tensor, the class count and names."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    train(compose_config("experiment=smoke", "model.num_classes=10", "trainer.max_steps=3", "callbacks.sample_grid=null",
+                         output_dir=tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out, err, code = hub("export", ckpt, "--out", tmp_path / "pipeline")
+    assert code == 0 and "class_labels=y" in out and "s = 1 + w" in out, err
+    theirs = UNet2DModel.from_pretrained(tmp_path / "pipeline" / "unet").eval()
+    assert theirs.config.num_class_embeds == 11 and theirs.class_embedding.weight.shape == (11, 128)
+    ours, _, cfg = load_run(str(ckpt), use_ema=True)
+    x_t, t, y = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 7, 20, 49]), \
+        torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        a, b = ours(x_t, t, y), theirs(x_t, t, class_labels=y).sample
+        other = theirs(x_t, t, class_labels=torch.tensor([1, 4, 8, 2])).sample
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max() and not torch.allclose(b, other)  # the label matters
+    config = import_checkpoint(str(tmp_path / "pipeline"), tmp_path / "back.ckpt")
+    assert config["model"]["num_classes"] == 10 and config["data"]["class_names"] == cfg.data.class_names
+    source, back = (torch.load(p, weights_only=True)["state_dict"] for p in (ckpt, tmp_path / "back.ckpt"))
+    assert all(torch.equal(source[f"ema_model.{k}"], v) for k, v in
+               ((k.removeprefix("model."), v) for k, v in back.items() if k.startswith("model.")))
+    export_pipeline(str(tmp_path / "back.ckpt"), tmp_path / "again")
+    first, again = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (tmp_path / "pipeline", tmp_path / "again"))
+    assert first.keys() == again.keys() and all(first[k].numpy().tobytes() == again[k].numpy().tobytes() for k in first)
+
+
+def test_a_class_embedding_we_did_not_write_needs_its_no_class_label_said(tmp_path):
+    """diffusers' num_class_embeds says how many labels, not which is "no class" (ours is the last); a class embedding
+    of another kind (class_embed_type) has no equivalent."""
+    foreign = write_folder(tmp_path / "foreign", {**TINY, "num_class_embeds": 11}, TINY_SCHEDULER)
+    out, err, code = hub("import", foreign, "--out", tmp_path / "a.ckpt")
+    assert code == 2 and err.count("\n") == 1 and "num_class_embeds=11" in err and "pass --num-classes 10" in err, err
+    with pytest.raises(ConfigError, match=r"num_class_embeds=11: 4 classes and \"no class\" are 5 labels, not 11"):
+        import_checkpoint(str(foreign), tmp_path / "b.ckpt", num_classes=4)
+    config = import_checkpoint(str(foreign), tmp_path / "c.ckpt", num_classes=10)
+    from diffusers import UNet2DModel
+
+    ours, theirs = load_run(str(tmp_path / "c.ckpt"), True)[0], UNet2DModel.from_pretrained(foreign / "unet").eval()
+    x_t, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 500, 999]), torch.tensor([2, 9, 10])
+    with torch.no_grad():
+        a, b = ours(x_t, t, y), theirs(x_t, t, class_labels=y).sample
+    assert config["model"]["num_classes"] == 10 and (a - b).abs().max() <= 1e-5 * b.abs().max()
+    timestep = write_folder(tmp_path / "timestep", {**TINY, "class_embed_type": "timestep"}, TINY_SCHEDULER)
+    with pytest.raises(ConfigError, match=r"class_embed_type='timestep': our U-Net has no equivalent"):
+        import_checkpoint(str(timestep), tmp_path / "d.ckpt")
+    assert not any(tmp_path.glob("[abd].ckpt"))

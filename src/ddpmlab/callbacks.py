@@ -16,6 +16,7 @@ from ddpmlab.data import evaluation_subset, to_model_range
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.edm import EDMDiffusion
 from ddpmlab.diffusion.samplers import default_steps
+from ddpmlab.diffusion.guidance import conditioned, guided, sample_labels
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError, NonFiniteLoss, Preempted
 from ddpmlab.loggers import log_final, log_image
@@ -40,15 +41,27 @@ class SampleGrid(L.Callback):
         seed: the grid's noise seed.
         strip_rows, strip_columns: the denoising strip `denoising_<name>.png`: the first rows samples, each
             at columns evenly spaced points of the chain, noise on the left, image on the right.
+        labels, guidance_scale: a class-conditional model's grid. labels null or `all`: one row per class, of
+            num_samples // classes images each; a list: the classes of the images in turn. guidance_scale w:
+            classifier-free guidance (ddpmlab.diffusion.guidance.guided); null is 0, the conditional model.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, sampler: str = "respaced",
-                 sampling_steps: int | None = 100, seed: int = 0, strip_rows: int = 4, strip_columns: int = 8):
+                 sampling_steps: int | None = 100, seed: int = 0, strip_rows: int = 4, strip_columns: int = 8,
+                 labels=None, guidance_scale: float | None = None):
         self.dirpath = Path(dirpath)
         self.strip_rows, self.strip_columns = strip_rows, strip_columns
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.sampler, self.sampling_steps, self.seed = get_sampler(sampler), sampling_steps, seed
         self.sampler_name = sampler
+        self.labels, self.guidance_scale = labels, guidance_scale or 0.0
+
+    def layout(self, num_classes: int | None) -> tuple[int, int]:
+        """(images, images per row) of the grid: one row per class for a conditional model's labels=null/all."""
+        if num_classes is None or self.labels not in (None, "all"):
+            return self.num_samples, max(1, round(self.num_samples**0.5))
+        columns = max(1, self.num_samples // num_classes)
+        return num_classes * columns, columns
 
     def sample(self, pl_module, shape: tuple[int, ...], rank: int = 0, world_size: int = 1,
                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +69,11 @@ class SampleGrid(L.Callback):
         ... as (n, C, H, W), and the denoising strip of those among the first `strip_rows`, (rows, columns, C, H, W).
         Every rank draws the same n = ceil(num_samples / world_size) images, so they gather evenly."""
         n = -(-shape[0] // world_size)
-        noise = ExampleNoise(range(rank, rank + n * world_size, world_size), self.seed, pl_module.device)
+        indices = range(rank, rank + n * world_size, world_size)
+        noise = ExampleNoise(indices, self.seed, pl_module.device)
+        net = pl_module.ema_model
+        labels = sample_labels(indices, self.labels, net.num_classes, shape[0], pl_module.device)
+        model = guided(net, labels, self.guidance_scale)
         rows = min(n, -(-self.strip_rows // world_size))
         steps = self.sampling_steps or default_steps(self.sampler_name, pl_module.diffusion.num_timesteps)
         keep = {round(j * (steps - 1) / max(1, self.strip_columns - 1)) for j in range(self.strip_columns)}
@@ -66,13 +83,14 @@ class SampleGrid(L.Callback):
             if i in keep:
                 frames.append(x[:rows].clamp(-1, 1))
 
-        x = self.sampler(pl_module.ema_model, pl_module.diffusion, (n, *shape[1:]), noise, steps=self.sampling_steps,
+        x = self.sampler(model, pl_module.diffusion, (n, *shape[1:]), noise, steps=self.sampling_steps,
                          progress=progress, on_step=record)
         return x, torch.stack(frames, 1) if frames else x[:0, None]
 
     def save(self, trainer, pl_module, name: str) -> Path:
         data = trainer.datamodule
-        shape = (self.num_samples, data.channels, data.image_size, data.image_size)
+        total, nrow = self.layout(pl_module.ema_model.num_classes)
+        shape = (total, data.channels, data.image_size, data.image_size)
         images, strip = self.sample(pl_module, shape, trainer.global_rank, trainer.world_size, trainer.is_global_zero)
         if trainer.world_size > 1:  # (world, n, ...) -> (n * world, ...): image j of rank r is image j * world + r
             images, strip = (trainer.strategy.all_gather(t).transpose(0, 1).flatten(0, 1) if t.numel() else t
@@ -80,10 +98,10 @@ class SampleGrid(L.Callback):
         path = self.dirpath / name
         if not trainer.is_global_zero:
             return path
-        images = (images[: self.num_samples].cpu() + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
-        strip = (strip[: min(self.strip_rows, self.num_samples)].cpu() + 1.0) / 2.0
+        images = (images[:total].cpu() + 1.0) / 2.0  # [-1, 1] -> [0, 1] for save_image
+        strip = (strip[: min(self.strip_rows, total)].cpu() + 1.0) / 2.0
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        torchvision.utils.save_image(images, path, nrow=max(1, round(self.num_samples**0.5)), padding=2)
+        torchvision.utils.save_image(images, path, nrow=nrow, padding=2)
         strip_path = self.dirpath / f"denoising_{name}"
         if len(strip):  # (rows, columns, ...) -> rows of columns
             torchvision.utils.save_image(strip.flatten(0, 1), strip_path, nrow=strip.shape[1])
@@ -117,6 +135,7 @@ class ValidationBound(L.Callback):
     Args:
         images: the test split, uint8 (N, C, H, W), of which `num_images` are used (all, if fewer), as
             evaluate.py's NLL takes them (data.evaluation_subset).
+        labels: their class labels (N,), for a class-conditional model: the bound given the true labels.
         split: what the images are (DiffusionDataModule.test_split), in the printed line.
         num_images, timesteps, every_n_steps, batch_size, seed: see `val` in conf/config.yaml.
     """
@@ -124,13 +143,15 @@ class ValidationBound(L.Callback):
     name = "val/bpd"
 
     def __init__(self, images: torch.Tensor, num_images: int = 256, timesteps: int = 10,
-                 every_n_steps: int | None = None, batch_size: int = 64, seed: int = 1, split: str = "test"):
+                 every_n_steps: int | None = None, batch_size: int = 64, seed: int = 1, split: str = "test",
+                 labels: torch.Tensor | None = None):
         for key, value in (("num_images", num_images), ("timesteps", timesteps), ("batch_size", batch_size),
                            ("every_n_steps", every_n_steps or 1)):
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"val.{key} must be a whole number >= 1, got {value!r}")
         self.images, self.timesteps, self.every_n_steps = evaluation_subset(images, num_images), timesteps, every_n_steps
         self.seed, self.batch_size, self.split = seed, batch_size, split
+        self.labels = None if labels is None else evaluation_subset(labels, num_images)  # aligned with the images
 
     @torch.no_grad()
     def bpd(self, pl_module, rank: int = 0, world_size: int = 1, all_gather=None) -> float:
@@ -141,8 +162,9 @@ class ValidationBound(L.Callback):
         local = torch.full((-(-len(batches) // world_size), size), float("nan"), device=device)  # (my batches, B)
         for k, idx in enumerate(mine):
             x_0 = to_model_range(self.images[idx.start:idx.stop].to(device))
+            labels = None if self.labels is None else self.labels[idx.start:idx.stop].to(device)
             local[k, :len(idx)] = pl_module.diffusion.estimate_bpd(
-                pl_module.ema_model, x_0, self.timesteps, ExampleNoise(idx, self.seed, device))
+                conditioned(pl_module.ema_model, labels), x_0, self.timesteps, ExampleNoise(idx, self.seed, device))
         if world_size > 1:  # (world, my batches, B) -> (my batches, world, B): batch j is rank j % world's
             local = all_gather(local).transpose(0, 1)
         return local.flatten()[:n].mean().item()
@@ -156,8 +178,9 @@ class ValidationBound(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({self.name: value}, step=trainer.global_step)
         if trainer.is_global_zero:
-            print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} images, "
-                  f"split: {self.split}, K={self.timesteps})")
+            given = "" if self.labels is None else ", given their true labels"
+            print(f"{self.name} = {value:.4f} at step {trainer.global_step} (EMA weights, {len(self.images)} images"
+                  f"{given}, split: {self.split}, K={self.timesteps})")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

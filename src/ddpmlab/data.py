@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpmlab.errors import ConfigError
-from ddpmlab.shards import ShardImages, read_shards, split_folder
+from ddpmlab.shards import ShardImages, read_shard_labels, read_shards, split_folder
 
 # Where Debian's `dataset-fashion-mnist` package puts the gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -200,14 +200,58 @@ def read_image_folder(root: Path, train: bool, image_size: int = 32, channels: i
                         for p in (train_files if train else test_files)])
 
 
-def labels_of(dataset: str, root: Path, train: bool) -> Tensor:
-    """Class labels (N,) int64 of a torchvision dataset's split, in the order its reader returns the images."""
+def _torchvision_class(dataset: str):
     classes = {"fashion_mnist": torchvision.datasets.FashionMNIST, "mnist": torchvision.datasets.MNIST,
                "cifar10": _CIFAR10Unverified}
     if dataset not in classes:
         raise ConfigError(f"data.dataset={dataset!r} has no class labels: the domain classifier needs one of "
                           f"{', '.join(classes)}")
-    return torch.as_tensor(classes[dataset](str(root), train=train).targets, dtype=torch.long)
+    return classes[dataset]
+
+
+def labels_of(dataset: str, root: Path, train: bool) -> Tensor:
+    """Class labels (N,) int64 of a torchvision dataset's split, in the order its reader returns the images."""
+    return torch.as_tensor(_torchvision_class(dataset)(str(root), train=train).targets, dtype=torch.long)
+
+
+def torchvision_labels(root: Path, train: bool, dataset: str, **_) -> tuple[Tensor, list[str]]:
+    """A torchvision dataset's labels (its targets, aligned with its reader's images) and class names."""
+    ds = _torchvision_class(dataset)(str(root), train=train)
+    return torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+def folder_labels(root: Path, files: list[Path], train_files: list[Path]) -> tuple[list[int], list[str]] | tuple[None, None]:
+    """Each file's class index and the class names, as torchvision's ImageFolder takes them: a file's class is its
+    first-level folder below root (below root/test for the test split's images); the names are those folders
+    sorted, over both splits so that both index alike. (None, None) when an image lies directly in root (or
+    root/test): the folder has no class labels. A class without training images is refused."""
+    test_dir = root / "test"
+    classes = []
+    for path in files:
+        parts = path.relative_to(test_dir if test_dir.is_dir() and test_dir in path.parents else root).parts
+        if len(parts) < 2:
+            return None, None
+        classes.append(parts[0])
+    names, train_files = sorted(set(classes)), set(train_files)
+    trained = {c for p, c in zip(files, classes) if p in train_files}
+    missing = [name for name in names if name not in trained]
+    if missing:
+        raise ConfigError(f"{root}: class {missing[0]!r} has test images and no training images: add training "
+                          f"images to its folder, or remove its test images")
+    index = {name: i for i, name in enumerate(names)}
+    return [index[c] for c in classes], names
+
+
+def image_folder_labels(root: Path, train: bool, test_fraction: float = 0.0, split_seed: int = 0,
+                        **_) -> tuple[Tensor, list[str]] | tuple[None, None]:
+    """The class index of each image of a split, in read_image_folder's order, and the class names (folder_labels)."""
+    files = image_files(root)
+    train_files, test_files = image_folder_split(root, files, test_fraction, split_seed)
+    labels, names = folder_labels(root, files, train_files)
+    if labels is None:
+        return None, None
+    of = dict(zip(files, labels))
+    return torch.tensor([of[p] for p in (train_files if train else test_files)], dtype=torch.long), names
 
 
 READERS = {
@@ -219,9 +263,28 @@ READERS = {
 }
 
 
+# Class labels of each reader's split, aligned with its images: (labels (N,) int64, class names), (None, None) when
+# the data has none. Read only for a class-conditional model (model.num_classes): unconditional runs read no labels.
+LABEL_READERS = {
+    "fashion_mnist": torchvision_labels,
+    "mnist": torchvision_labels,
+    "cifar10": torchvision_labels,
+    "image_folder": image_folder_labels,
+    "shards": read_shard_labels,
+}
+# How to give each data source labels, for the refusal of a conditional model on unlabelled data.
+LABEL_HINTS = {
+    "image_folder": "put each class's images in a folder of its own, data.root/<class>/ (as torchvision's "
+                    "ImageFolder reads them)",
+    "shards": "write the shards from a labelled source (an image folder of class folders, mnist:, fashion_mnist:, "
+              "cifar10:) with `python -m ddpmlab.prepare`",
+}
+
+
 def evaluation_subset(images, n: int | None):
     """The images of a split that a measurement on n of them uses (val/bpd, the NLL, the FID reference): all of
     them when n is None or covers the split, else the first n of a fixed random permutation of it (seed 0).
+    The split's labels give the same subset's labels, aligned.
 
     Not the first n in storage order: an image folder's and its shards' order is the sorted paths', so a split
     kept as <class>/ folders would be measured on its first classes alone. A smaller n is a prefix of a larger
@@ -246,16 +309,16 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 class ImageTensorDataset(Dataset):
-    """Index into a uint8 (N, C, H, W) tensor."""
+    """Index into a uint8 (N, C, H, W) tensor: image i, or (image i, its label) when `labels` (N,) are given."""
 
-    def __init__(self, images: Tensor):
-        self.images = images
+    def __init__(self, images: Tensor, labels: Tensor | None = None):
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[i]
+    def __getitem__(self, i: int):
+        return self.images[i] if self.labels is None else (self.images[i], self.labels[i])
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -323,6 +386,10 @@ class DiffusionDataModule(L.LightningDataModule):
             composited onto; None refuses images with transparency.
         path: shards only: the folder `python -m ddpmlab.prepare` wrote; its splits are read from disk as
             needed (ShardImages) and training streams them (ddpmlab.shards).
+        num_classes: a class-conditional model's model.num_classes: the labels are read (LABEL_READERS), must
+            number that many classes, and batches are (images, labels). None (unconditional): batches are the
+            images alone and no label is read.
+        class_names: the classes a checkpoint was trained on (stored in its config): the data's must be these.
     """
 
     def __init__(
@@ -341,6 +408,8 @@ class DiffusionDataModule(L.LightningDataModule):
         split_seed: int = 0,
         background: str | None = "white",
         path: str | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         if dataset not in READERS:
@@ -362,8 +431,11 @@ class DiffusionDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.random_flip, self.download, self.verify_checksums = random_flip, download, verify_checksums
         self.seed, self.path = seed, path
+        self.num_classes, self.class_names = num_classes, None if class_names is None else list(class_names)
         self.train_images: Tensor | ShardImages | None = None
         self.test_images: Tensor | ShardImages | None = None
+        self.train_labels: Tensor | ShardImages | None = None  # (N,) int64, with num_classes only
+        self.test_labels: Tensor | ShardImages | None = None
 
     def read(self, train: bool) -> Tensor:
         """The whole split as uint8 (N, C, H, W), checked against image_size and channels."""
@@ -379,6 +451,28 @@ class DiffusionDataModule(L.LightningDataModule):
             )
         return images
 
+    def read_labels(self, train: bool, images) -> Tensor | ShardImages:
+        """The split's class labels (N,), aligned with `images`; the class names become self.class_names. Refused
+        in one line: data without labels, another number of classes than model.num_classes, or other classes
+        than the checkpoint's."""
+        labels, names = LABEL_READERS[self.dataset](
+            self.root, train=train, dataset=self.dataset, test_fraction=self.test_fraction, split_seed=self.split_seed,
+            path=self.path)
+        n = self.num_classes
+        if labels is None:
+            raise ConfigError(f"model.num_classes={n} needs class labels, and {self.dataset} {self.source} has none: "
+                              f"{LABEL_HINTS[self.dataset]}; or set model.num_classes=null")
+        if len(names) != n:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ConfigError(f"model.num_classes={n} but {self.dataset} {self.source} has {len(names)} classes "
+                              f"({shown}): set model.num_classes={len(names)}")
+        if self.class_names is not None and names != self.class_names:
+            raise ConfigError(f"{self.source} has the classes {names}, and the checkpoint was trained on "
+                              f"{self.class_names}: point it at the data the checkpoint was trained on")
+        assert len(labels) == len(images), (len(labels), len(images))
+        self.class_names = names
+        return labels
+
     @property
     def source(self) -> str:
         """Where the images are read from, for messages: data.path=... (shards) or data.root=..."""
@@ -392,8 +486,19 @@ class DiffusionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_images is None:
             self.train_images = self.read(train=True)
+            if self.num_classes is not None:
+                self.train_labels = self.read_labels(True, self.train_images)
         if stage in (None, "test", "validate", "predict") and self.test_images is None:
             self.test_images = self.read(train=False)
+            if self.num_classes is not None:
+                self.test_labels = self.read_labels(False, self.test_images)
+
+    def examples(self, train: bool) -> Dataset:
+        """A split as a Dataset of images, or of (image, label) pairs for a conditional model (shards: one read each)."""
+        images, labels = (self.train_images, self.train_labels) if train else (self.test_images, self.test_labels)
+        if isinstance(images, ShardImages):
+            return images if labels is None else images.with_field("example")
+        return ImageTensorDataset(images, labels)
 
     def train_dataloader(self) -> DataLoader:
         """Batches in StepBatchSampler's order, from memory or from the shards alike: the order is a function of
@@ -405,16 +510,18 @@ class DiffusionDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batches = StepBatchSampler(len(self.train_images), self.batch_size, self.seed, start, rank, world)
         # Its own generator: creating an iterator must not draw from the global RNG (resumes stay exact).
-        return DataLoader(ImageTensorDataset(self.train_images), batch_sampler=batches, num_workers=self.num_workers,
+        return DataLoader(self.examples(train=True), batch_sampler=batches, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(ImageTensorDataset(self.test_images), batch_size=self.batch_size, shuffle=False,
+        return DataLoader(self.examples(train=False), batch_size=self.batch_size, shuffle=False,
                           num_workers=self.num_workers)
 
-    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
-        x = to_model_range(batch)
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images -> [-1, 1] (flipped at random in training); labels, if any, pass through: (x, y)."""
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        x = to_model_range(images)
         if self.random_flip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+        return x if labels is None else (x, labels)

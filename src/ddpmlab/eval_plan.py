@@ -98,8 +98,27 @@ def sampling_settings(cfg) -> list[tuple[str, int | None]]:
     return list(dict.fromkeys(pairs))
 
 
-def sampling_phase(name: str, steps) -> str:
-    return f"sampling ({name}, {steps or 'all'} steps)"
+def guidance_scales(cfg, num_classes: int | None) -> list[float | None]:
+    """The guidance scales w to sample at: [None] for an unconditional model; `guidance_scale` (one w or a list)
+    for a conditional one, [0.0] (the conditional model) when it is null."""
+    if num_classes is None:
+        return [None]
+    scales = cfg.guidance_scale
+    return [0.0] if scales is None else [float(w) for w in (scales if OmegaConf.is_list(scales) or
+                                                            isinstance(scales, (list, tuple)) else [scales])]
+
+
+def nll_conditions(metric: str, num_classes: int | None) -> list[tuple[str | None, str, str]]:
+    """(what the model is given, the results' key, the phase's name) of each pass of NLL `metric`: one, as it is,
+    for an unconditional model; given the true labels and given "no class" for a conditional one."""
+    name = {"nll": "NLL (full bound)", "nll_estimate": "NLL (estimate)", "nll_ode": "NLL (ODE)"}[metric]
+    if num_classes is None:
+        return [(None, metric, name)]
+    return [(given, f"{metric} given {given}", f"{name[:-1]}, given {given})") for given in ("true labels", "no class")]
+
+
+def sampling_phase(name: str, steps, scale: float | None = None) -> str:
+    return f"sampling ({name}, {steps or 'all'} steps{'' if scale is None else f', w={scale:g}'})"
 
 
 def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
@@ -112,22 +131,23 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     device, T = fabric.device, diffusion.num_timesteps
     share = fabric.world_size if device.type == "cuda" else 1  # CPU processes share the same cores
     cost, lines, images = Estimate(), [], [0]
-    counts = {"nll": ("NLL (full bound)", T, f"all {T} t"),
-              "nll_estimate": ("NLL (estimate)", cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
+    num_classes = model.num_classes
+    counts = {"nll": (T, f"all {T} t"),
+              "nll_estimate": (cfg.nll_estimate.timesteps + 1, f"K = {cfg.nll_estimate.timesteps}")}
     if "nll_ode" in cfg.metrics:
         ode = as_denoiser(None, diffusion)
-        counts["nll_ode"] = ("NLL (ODE)", cost_per_image(ode, cfg.nll_ode.probes),
+        counts["nll_ode"] = (cost_per_image(ode, cfg.nll_ode.probes),
                              f"adaptive RK45 at rtol {cfg.nll_ode.rtol:g}, atol {cfg.nll_ode.atol:g}: about "
                              f"{ode.typical_ode_evaluations} forward passes with {cfg.nll_ode.probes} backward each, "
                              "counted as it runs")
     asked = {*cfg.metrics, *(["nll"] if "rate_distortion" in cfg.metrics else [])}  # one pass gives both
-    for key, (name, calls, how) in counts.items():
-        if key in asked:
+    for key, (calls, how) in counts.items():
+        for given, _, name in nll_conditions(key, num_classes) if key in asked else ():
             data.setup("test")
             n = min(cfg[key].num_images or len(data.test_images), len(data.test_images))
             images.append(n)
             cost.add(name, n * calls, "network", share)
-            lines.append(f"{key}: {n} test images x {calls} network calls ({how})")
+            lines.append(f"{key}: {n} test images x {calls} network calls ({how}){f', given {given}' if given else ''}")
     from ddpmlab.paper import figure_calls, figure_jobs  # the paper's figures (Ho et al. Figs. 6-9)
 
     for figure, stem, kwargs in figure_jobs(cfg, T):
@@ -137,11 +157,13 @@ def plan(cfg, run, data, fidelity, reference: str | None, fabric) -> Estimate:
     if fidelity is not None:
         images.append(cfg.num_samples)
         for name, steps in sampling_settings(cfg):
-            calls = network_calls(name, steps, T)
-            cost.add(sampling_phase(name, steps), cfg.num_samples * calls, "network", share)
-            cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
-            lines.append(f"samples: {cfg.num_samples} x {name}, {steps or default_steps(name, T)} steps "
-                         f"({cfg.num_samples * calls:,} network calls), then their features")
+            for scale in guidance_scales(cfg, num_classes):
+                calls = network_calls(name, steps, T) * (2 if scale else 1)  # guided: conditional and "no class"
+                cost.add(sampling_phase(name, steps, scale), cfg.num_samples * calls, "network", share)
+                cost.add("features (samples)", cfg.num_samples if fidelity.wanted else 0, "features")
+                guidance = "" if scale is None else f", guidance w={scale:g}{' (2 images a call)' if scale else ''}"
+                lines.append(f"samples: {cfg.num_samples} x {name}, {steps or default_steps(name, T)} steps{guidance} "
+                             f"({cfg.num_samples * calls:,} network calls), then their features")
         cached = fidelity.reference_cached
         if fidelity.reference_layers and not cached:
             cost.add("features (reference)", len(fidelity.reference), "features")

@@ -2,6 +2,9 @@
 
 Every example (test image for the NLL, generated sample) has its own noise seeded by its index, and each
 process takes the indices rank, rank + N, ...; results are gathered by index, so any N gives the same numbers.
+A class-conditional checkpoint (model.num_classes) is sampled per class (`labels`) at each guidance scale
+(`guidance_scale`), its samples also scored per class (class_report), and its NLL given the true labels and
+given "no class".
 """
 
 import hashlib
@@ -19,21 +22,24 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from ddpmlab.checkpoints import load_checkpoint
+from ddpmlab.class_report import ClassCheck, class_check, per_class_table, plot_guidance, save_class_grid
 from ddpmlab.data import NO_HELD_OUT, evaluation_subset, to_model_range, to_uint8
 from ddpmlab.diffusion import get_sampler
 from ddpmlab.diffusion.denoisers import as_denoiser
 from ddpmlab.diffusion.edm import EDMDiffusion
+from ddpmlab.diffusion.guidance import conditioned, guided, sample_labels
 from ddpmlab.diffusion.likelihood import bits_per_dim, cost_per_image, dequantize, ode_log_likelihood
 from ddpmlab.diffusion.samplers import EDM_SAMPLERS, SAMPLERS, check_sampler, network_calls
 from ddpmlab.diffusion.noise import ExampleNoise
 from ddpmlab.errors import ConfigError
-from ddpmlab.eval_plan import Estimate, plan, sampling_phase, sampling_settings
+from ddpmlab.eval_plan import Estimate, guidance_scales, nll_conditions, plan, sampling_phase, sampling_settings
 from ddpmlab.figures import FIGURES, PAPER
 from ddpmlab.paper import check_figures, figure_calls, figure_jobs, rate_distortion
 from ddpmlab.performance import cpu_bf16, optimize_network, performance_settings
 from ddpmlab.plots import plot_image_grid, plot_rate_distortion
 from ddpmlab.progress import track
 from ddpmlab.resume import check_matches, resolve_last
+from ddpmlab.schema import check_conditioning
 from ddpmlab.training import build, build_network
 
 METRICS = ("nll", "nll_estimate", "nll_ode", "fid", "is", "kid", "rate_distortion")
@@ -89,19 +95,28 @@ def _per_example(fabric, total: int, batch_size: int, desc: str, fn, row_shape=(
     return _gather(fabric, local, total)
 
 
-def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
+def _given(model, labels, idx, device):
+    """The network conditioned on the labels of examples `idx` (labels: a split's, or None: unconditional)."""
+    return conditioned(model, None if labels is None else labels[idx].to(device))
+
+
+def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None, test_labels=None,
+                phase: str = "NLL (full bound)") -> dict:
     """The full bound on cfg.nll.num_images test images (data.evaluation_subset): total, L_T, L_0, and the per-t
-    terms, in bits/dim; and, from the same pass, the progressive code's rate and distortion (ddpmlab.paper)."""
+    terms, in bits/dim, and from the same pass the progressive code's rate and distortion (ddpmlab.paper); given
+    `test_labels` (the split's, aligned by the same subset), a conditional model's."""
+    labels = None if test_labels is None else evaluation_subset(test_labels, cfg.nll.num_images)
     test_images = evaluation_subset(test_images, cfg.nll.num_images)
     n, T = len(test_images), diffusion.num_timesteps
 
     def bound(idx):  # -> (B, 1 + 2T): L_T, then terms[:, 0] = L_0, terms[:, t] = L_t, then x0_mse[:, t]
         x_0 = to_model_range(test_images[idx].to(fabric.device))
-        out = diffusion.calc_bpd_loop(model, x_0, ExampleNoise(idx, cfg.seed, fabric.device),
+        out = diffusion.calc_bpd_loop(_given(model, labels, idx, fabric.device), x_0,
+                                      ExampleNoise(idx, cfg.seed, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised, progress=fabric.global_rank == 0)
         return torch.cat([out["prior"][:, None], out["terms"], out["x0_mse"]], 1)
 
-    rows = _per_example(fabric, n, cfg.batch_size, "NLL (full bound)", bound, (1 + 2 * T,), calls=T, cost=cost)
+    rows = _per_example(fabric, n, cfg.batch_size, phase, bound, (1 + 2 * T,), calls=T, cost=cost)
     prior, per_t, x0_mse = rows[:, 0], rows[:, 1:1 + T], rows[:, 1 + T:]
     total = prior + per_t.sum(1)
     terms_bpd = per_t.mean(0).tolist()  # the decoder's entry is L_0 itself (one reduction, not two)
@@ -110,20 +125,22 @@ def compute_nll(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=N
             "num_images": n, "rate_distortion": rate_distortion(prior, per_t, x0_mse)}
 
 
-def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
+def compute_nll_estimate(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None, test_labels=None,
+                         phase: str = "NLL (estimate)") -> dict:
     """The bound on cfg.nll_estimate.num_images test images (data.evaluation_subset), with its stderr, from
     K = nll_estimate.timesteps timesteps per image (estimate_bpd: L_T and L_0 exact, the KL terms from K strata;
-    K + 1 network calls)."""
+    K + 1 network calls); given `test_labels`, as compute_nll."""
+    labels = None if test_labels is None else evaluation_subset(test_labels, cfg.nll_estimate.num_images)
     test_images = evaluation_subset(test_images, cfg.nll_estimate.num_images)
     n = len(test_images)
 
     def estimate(idx):
         x_0 = to_model_range(test_images[idx].to(fabric.device))
-        return diffusion.estimate_bpd(model, x_0, cfg.nll_estimate.timesteps,
+        return diffusion.estimate_bpd(_given(model, labels, idx, fabric.device), x_0, cfg.nll_estimate.timesteps,
                                       ExampleNoise(idx, cfg.seed + 1, fabric.device),
                                       clip_denoised=cfg.nll.clip_denoised)
 
-    values = _per_example(fabric, n, cfg.batch_size, "NLL (estimate)", estimate, calls=cfg.nll_estimate.timesteps + 1,
+    values = _per_example(fabric, n, cfg.batch_size, phase, estimate, calls=cfg.nll_estimate.timesteps + 1,
                           cost=cost)
     return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
             "num_images": n, "timesteps_per_image": cfg.nll_estimate.timesteps}
@@ -142,11 +159,14 @@ def sampling_autocast(cfg, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=sampling_bf16(cfg, device))
 
 
-def compute_nll_ode(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None) -> dict:
+def compute_nll_ode(fabric, cfg, model, diffusion, test_images: torch.Tensor, cost=None, test_labels=None,
+                    phase: str = "NLL (ODE)") -> dict:
     """The exact likelihood through the probability-flow ODE (ddpmlab.diffusion.likelihood) of cfg.nll_ode.num_images
     test images (data.evaluation_subset), each dequantised uniformly in its pixels' bins, in bits/dim with its
     stderr and the network calls it took. Image i's dequantisation and probes come from (cfg.seed + 2, i) alone and
-    its adaptive steps from its own error, so any batch size and process count give the same numbers."""
+    its adaptive steps from its own error, so any batch size and process count give the same numbers; given
+    `test_labels`, as compute_nll."""
+    labels = None if test_labels is None else evaluation_subset(test_labels, cfg.nll_ode.num_images)
     test_images = evaluation_subset(test_images, cfg.nll_ode.num_images)
     n, settings = len(test_images), cfg.nll_ode
     denoiser = as_denoiser(model, diffusion, clip_denoised=False)  # the ODE of the network itself
@@ -154,11 +174,12 @@ def compute_nll_ode(fabric, cfg, model, diffusion, test_images: torch.Tensor, co
     def likelihood(idx):  # -> (B, 2): bits/dim, network calls
         noise = ExampleNoise(idx, cfg.seed + 2, fabric.device)
         x = dequantize(test_images[idx].to(fabric.device), noise)
-        log_p, calls = ode_log_likelihood(denoiser, x, noise, settings.rtol, settings.atol, settings.probes,
+        given = as_denoiser(_given(model, labels, idx, fabric.device), diffusion, clip_denoised=False)
+        log_p, calls = ode_log_likelihood(given, x, noise, settings.rtol, settings.atol, settings.probes,
                                           settings.probe)
         return torch.stack([bits_per_dim(log_p, x[0].numel()), calls.double()], 1)
 
-    rows = _per_example(fabric, n, cfg.batch_size, "NLL (ODE)", likelihood, (2,), torch.float64,
+    rows = _per_example(fabric, n, cfg.batch_size, phase, likelihood, (2,), torch.float64,
                         calls=cost_per_image(denoiser, settings.probes), cost=cost)
     values, calls = rows[:, 0], rows[:, 1]
     return {"bpd": values.mean().item(), "stderr": (values.std() / n**0.5).item() if n > 1 else None,
@@ -197,41 +218,49 @@ def make_figure(fabric, cfg, model, diffusion, test_images, name: str, stem: str
             "column_labels": layout.column_labels, "title": layout.title, "settings": kwargs}
 
 
-def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps, cost=None) -> torch.Tensor:
-    """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i)."""
+def generate(fabric, cfg, model, diffusion, shape: tuple[int, int, int], name: str, steps, cost=None,
+             labels: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """cfg.num_samples images as uint8 (N, C, H, W), sample i always from the noise of seed (cfg.seed, i); for a
+    conditional model, of class labels[i], with classifier-free guidance of scale w (guided: 2 images a call)."""
     sampler = get_sampler(name, **sampler_options(cfg, name))
 
     def sample(idx):
         noise = ExampleNoise(idx, cfg.seed, fabric.device)
+        net = model if labels is None else guided(model, labels[idx].to(fabric.device), scale or 0.0)
         with sampling_autocast(cfg, fabric.device):
-            return to_uint8(sampler(model, diffusion, (len(idx), *shape), noise, steps=steps))
+            return to_uint8(sampler(net, diffusion, (len(idx), *shape), noise, steps=steps))
 
-    return _per_example(fabric, cfg.num_samples, cfg.batch_size, sampling_phase(name, steps), sample, shape,
-                        torch.uint8, calls=network_calls(name, steps, diffusion.num_timesteps), cost=cost).cpu()
+    calls = network_calls(name, steps, diffusion.num_timesteps) * (2 if scale else 1)
+    return _per_example(fabric, cfg.num_samples, cfg.batch_size, sampling_phase(name, steps, scale), sample, shape,
+                        torch.uint8, calls=calls, cost=cost).cpu()
 
 
 def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimate | None = None,
-         handoff: Path | None = None) -> dict | None:
+         classes: ClassCheck | None = None, handoff: Path | None = None) -> dict | None:
     """One process's part; rank 0 returns the results, or pickles them to `handoff` (spawned processes).
     `run`: the loaded (model, diffusion, train config), if any; `fidelity`: the FID/IS/KID computation (rank 0's,
-    after sampling); `cost`: the estimate, said again as each phase's first batch is timed."""
+    after sampling); `cost`: the estimate, said again as each phase's first batch is timed; `classes`: a
+    conditional checkpoint's class accuracy (rank 0's)."""
     torch.set_num_threads(max(1, torch.get_num_threads() // fabric.world_size))
     model, diffusion, train_cfg = run or load_run(cfg.ckpt, cfg.use_ema)
     model, diffusion = model.to(fabric.device), diffusion.to(fabric.device)
     optimize_network(model, *performance_settings(cfg.get("performance"), fabric.device.type == "cuda"))
-    data = build(train_cfg.data, **({"root": cfg.data_root} if cfg.data_root else {}))
+    data = build_data(train_cfg, cfg)
     results, timings = {"settings": [], "figures": []}, {}
     if set(TEST_METRICS) & set(cfg.metrics) or cfg.figures:
         data.setup("test")
     for metric, fn in (("nll", compute_nll), ("nll_estimate", compute_nll_estimate), ("nll_ode", compute_nll_ode)):
-        wanted = [m for m in ((metric, "rate_distortion") if metric == "nll" else (metric,)) if m in cfg.metrics]
-        if wanted:  # the full bound's pass gives the NLL and the rate/distortion alike
+        asked = metric in cfg.metrics or (metric == "nll" and "rate_distortion" in cfg.metrics)
+        for given, key, phase in nll_conditions(metric, model.num_classes) if asked else ():
             start = time.perf_counter()
-            measured = fn(fabric, cfg, model, diffusion, data.test_images, cost)
-            code = measured.pop("rate_distortion", None)
-            for name in wanted:
-                results[name] = code if name == "rate_distortion" else measured
-                timings[name] = time.perf_counter() - start
+            labels = data.test_labels if given == "true labels" else None
+            measured = {**fn(fabric, cfg, model, diffusion, data.test_images, cost, labels, phase), "given": given}
+            code = measured.pop("rate_distortion", None)  # the full bound's pass gives the rate/distortion too
+            seconds = time.perf_counter() - start
+            if metric in cfg.metrics:
+                results[key], timings[key] = measured, seconds
+            if code is not None and "rate_distortion" in cfg.metrics and "rate_distortion" not in results:
+                results["rate_distortion"], timings["rate_distortion"] = code, seconds  # given the true labels
     for name, stem, kwargs in figure_jobs(cfg, diffusion.num_timesteps):
         start = time.perf_counter()
         results["figures"].append(make_figure(fabric, cfg, model, diffusion, data.test_images, name, stem, kwargs,
@@ -239,21 +268,31 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
         timings[f"figure {stem}"] = time.perf_counter() - start
     if fidelity is not None:
         shape = (data.channels, data.image_size, data.image_size)
+        labels = sample_labels(range(cfg.num_samples), cfg.labels, model.num_classes, cfg.num_samples)
         for name, steps in sampling_settings(cfg):
-            start = time.perf_counter()
-            samples = generate(fabric, cfg, model, diffusion, shape, name, steps, cost)
-            results["settings"].append({"sampler": name, "sampling_steps": steps, "samples": samples,
-                                        "sampling_seconds": time.perf_counter() - start,
-                                        "precision": "bf16" if sampling_bf16(cfg, fabric.device) else "fp32",
-                                        "network_calls": network_calls(name, steps, diffusion.num_timesteps)})
+            for scale in guidance_scales(cfg, model.num_classes):
+                start = time.perf_counter()
+                samples = generate(fabric, cfg, model, diffusion, shape, name, steps, cost, labels, scale)
+                results["settings"].append({
+                    "sampler": name, "sampling_steps": steps, "guidance_scale": scale, "samples": samples,
+                    "sampling_seconds": time.perf_counter() - start,
+                    "labels": None if labels is None else labels.tolist(),
+                    "precision": "bf16" if sampling_bf16(cfg, fabric.device) else "fp32",
+                    "network_calls": network_calls(name, steps, diffusion.num_timesteps) * (2 if scale else 1)})
     if fabric.global_rank != 0:
         return None
     results["timings"], results["train_cfg"] = timings, OmegaConf.to_container(train_cfg)
     for setting in results["settings"]:
         start = time.perf_counter()
-        setting["rows"] = fidelity(setting["samples"], on_first_batch=cost.first_batch if cost else None)
+        labels = None if setting["labels"] is None else torch.tensor(setting["labels"])
+        setting["rows"] = fidelity(setting["samples"], on_first_batch=cost.first_batch if cost else None,
+                                   labels=labels, reference_labels=fidelity.reference_labels)
         for row in setting["rows"]:
             row["seconds"], row["reference_images"] = time.perf_counter() - start, len(fidelity.reference)
+        if labels is not None:  # did each sample get its class? (after the features: its own time)
+            start = time.perf_counter()
+            setting["rows"] += [{**row, "seconds": time.perf_counter() - start}
+                                for row in classes.rows(setting["samples"], labels)]
         # Returned across processes by pickling: numpy goes by value, a torch tensor by a shared-memory handle
         # that dies with this process.
         setting["samples"] = setting["samples"].numpy()
@@ -261,6 +300,12 @@ def _run(fabric: Fabric, cfg: DictConfig, run=None, fidelity=None, cost: Estimat
         handoff.write_bytes(pickle.dumps(results))
         return None
     return results
+
+
+def build_data(train_cfg, cfg):
+    """The run's datamodule (data_root, if given, for its root); with the labels of a conditional run."""
+    return build(train_cfg.data, num_classes=train_cfg.model.get("num_classes"),
+                 **({"root": cfg.data_root} if cfg.data_root else {}))
 
 
 def reference_count(cfg, available: int, device: torch.device) -> tuple[int, str]:
@@ -293,7 +338,10 @@ def fidelity_for(cfg, train_cfg, data, device: torch.device):
     fidelity = FidelityMetrics(list(cfg.metrics), cfg.feature_extractor, weights,
                                evaluation_subset(data.train_images, n),  # shards: a view, read image by image
                                f"{train_cfg.data.dataset}-train", root / "fidelity" / "cache", device,
-                               kid_subset_size=cfg.kid_subset_size)
+                               kid_subset_size=cfg.kid_subset_size,
+                               # a conditional run's: the reference's labels, for FID/KID per class
+                               reference_labels=None if data.train_labels is None else
+                               evaluation_subset(data.train_labels, n)[:])
     total = len(data.train_images)
     return fidelity, (f"all {total} training images" if n == total
                       else f"{n} of {total} training images at random (seed 0), {why}")
@@ -321,7 +369,10 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, tuple, object]:
     if cfg.ckpt == "last":  # the newest train.py run's checkpoint (make eval)
         cfg.ckpt = str(resolve_last(cfg, task_name=TRAIN_TASK, key="ckpt"))
     run = load_run(cfg.ckpt, cfg.use_ema)  # bad checkpoints fail here, before any process starts
-    data = build(run[2].data, **({"root": cfg.data_root} if cfg.data_root else {}))
+    num_classes = run[0].num_classes
+    check_conditioning(cfg.labels, cfg.guidance_scale, num_classes, run[2].diffusion.get("cond_drop_prob", 0.0), "",
+                       f"checkpoint {cfg.ckpt}")
+    data = build_data(run[2], cfg)
     _check_counts(cfg, data)
     _check_applies(cfg, run[1])
     if cfg.figures:
@@ -340,6 +391,8 @@ def evaluate_prepared(cfg: DictConfig, run: tuple, data) -> dict:
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy=strategy)
     fidelity, reference = (fidelity_for(cfg, run[2], data, fabric.device) if set(SAMPLE_METRICS) & set(cfg.metrics)
                            else (None, None))
+    classes = (class_check(run[2].data.dataset, str(cfg.data_root or run[2].data.root), data)
+               if fidelity is not None and run[0].num_classes is not None else None)
     cost = plan(cfg, run, data, fidelity, reference, fabric)
     wall = time.perf_counter()
     if strategy == "ddp_spawn":
@@ -349,11 +402,12 @@ def evaluate_prepared(cfg: DictConfig, run: tuple, data) -> dict:
         # rank 0 blocked in the write and the evaluation hung.
         handoff = Path(cfg.paths.output_dir) / f".results_{os.getpid()}.pkl"
         handoff.parent.mkdir(parents=True, exist_ok=True)
-        fabric.launch(_run, cfg, None, fidelity, cost, handoff)
+        fabric.launch(_run, cfg, None, fidelity, cost, classes, handoff)
         results = pickle.loads(handoff.read_bytes())  # our own file, written just now by rank 0
         handoff.unlink()
     else:
-        results = _run(fabric, cfg, run, fidelity, cost)
+        results = _run(fabric, cfg, run, fidelity, cost, classes)
+    results["class_names"] = data.class_names
     results["estimated_seconds"] = cost.seconds
     results["reference"] = fidelity and {"images": len(fidelity.reference), "what": reference}
     results["wall_seconds"] = time.perf_counter() - wall
@@ -386,14 +440,21 @@ def _check_counts(cfg, data) -> None:
                                   f"use {key}.num_images=null for all of it")
 
 
+def _nll_keys(results: dict) -> list[tuple[str | None, str]]:
+    """(given, key) of the NLL results present: "nll", or "nll given true labels" ... for a conditional run."""
+    num_classes = results["train_cfg"]["model"].get("num_classes")
+    return [(given, key) for metric in ("nll", "nll_estimate", "nll_ode")
+            for given, key, _ in nll_conditions(metric, num_classes)
+            if key in results]
+
+
 def _rows(cfg, results: dict, split: str) -> list[dict]:
     rows = []
-    for metric in ("nll", "nll_estimate", "nll_ode"):
-        if metric in results:
-            r = results[metric]
-            rows.append({"metric": f"{metric} (bits/dim)", "value": r["bpd"], "std": r["stderr"],
-                         "test_images": r["num_images"], "split": split, "seconds": results["timings"][metric],
-                         **({"network_calls": r["network_calls"]} if "network_calls" in r else {})})
+    for given, key in _nll_keys(results):
+        r = results[key]
+        rows.append({"metric": f"{key} (bits/dim)", "value": r["bpd"], "std": r["stderr"], "test_images": r["num_images"],
+                     "split": split, **({"given": given} if given else {}), "seconds": results["timings"][key],
+                     **({"network_calls": r["network_calls"]} if "network_calls" in r else {})})
     if "rate_distortion" in results:  # Ho et al. Table 1's split of the codelength, and the RMSE at t = 1
         code = results["rate_distortion"]
         common = {"std": None, "test_images": code["num_images"], "split": split,
@@ -403,8 +464,10 @@ def _rows(cfg, results: dict, split: str) -> list[dict]:
             ("distortion RMSE t=1", "rmse_at_t1"))]
     for setting in results["settings"]:
         common = {"samples": cfg.num_samples, "sampler": setting["sampler"], "sampling_steps": setting["sampling_steps"],
-                  "sampling_precision": setting.get("precision", "fp32"),
-                  "network_calls": setting["network_calls"]}
+                  "sampling_precision": setting.get("precision", "fp32"), "network_calls": setting["network_calls"]}
+        if setting["guidance_scale"] is not None:  # a conditional checkpoint's
+            common.update(guidance_scale=setting["guidance_scale"],
+                          labels=list(cfg.labels) if OmegaConf.is_list(cfg.labels) else cfg.labels or "all")
         rows += [{**row, **common, "seconds": row["seconds"] + setting["sampling_seconds"]} for row in setting["rows"]]
     return rows
 
@@ -423,24 +486,41 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
         "wall_seconds": results["wall_seconds"], "estimated_seconds": results["estimated_seconds"],
         "timings": results["timings"], "reference": results["reference"],
     }
-    if "nll" in results:
-        record["nll"] = {k: results["nll"][k] for k in ("bpd", "stderr", "prior_bpd", "decoder_bpd", "num_images")}
-        record["nll"]["terms_bpd"] = results["nll"]["terms_bpd"]
-        record["nll"]["split"] = split
-        _plot_terms(results["nll"], out / "nll_per_t.png")
-    if "nll_ode" in results:  # beside the bound: the exact likelihood of the same model through its ODE
-        record["nll_ode"] = {**results["nll_ode"], "split": split}
+    for given, key in _nll_keys(results):
+        name = key.replace(" ", "_")
+        if key.startswith("nll_ode"):  # beside the bound: the exact likelihood of the same model through its ODE
+            record[name] = {**results[key], "split": split}
+        elif not key.startswith("nll_estimate"):  # "nll", or a conditional run's "nll given true labels", ...
+            record[name] = {k: results[key][k] for k in ("bpd", "stderr", "prior_bpd", "decoder_bpd", "num_images")}
+            record[name].update(terms_bpd=results[key]["terms_bpd"], split=split, **({"given": given} if given else {}))
+            if given in (None, "true labels"):
+                _plot_terms(results[key], out / "nll_per_t.png")
     settings = results["settings"]
     for setting in settings:
-        # one setting: samples.png / samples.pt; a sweep: samples_<sampler>_<steps>.png / .pt per setting
-        suffix = f"_{setting['sampler']}_{setting['sampling_steps'] or 'all'}" if len(settings) > 1 else ""
+        # one setting: samples.png / samples.pt; a sweep: samples_<sampler>_<steps>[_w<w>].png / .pt per setting
+        w = setting["guidance_scale"]
+        suffix = (f"_{setting['sampler']}_{setting['sampling_steps'] or 'all'}{'' if w is None else f'_w{w:g}'}"
+                  if len(settings) > 1 else "")
         samples = torch.from_numpy(setting["samples"])
         torchvision.utils.save_image(samples[:64].float() / 255, out / f"samples{suffix}.png",
                                      nrow=max(1, round(min(64, len(samples)) ** 0.5)))
         torch.save(samples, out / f"samples{suffix}.pt")  # every generated image, uint8 (N, C, H, W)
+        if setting["labels"] is not None:  # one row per class; and the class of each image
+            labels = torch.tensor(setting["labels"])
+            save_class_grid(samples, labels, len(results["class_names"]), out / f"samples_by_class{suffix}.png")
+            torch.save(labels, out / f"labels{suffix}.pt")
+    overall = [row for row in rows if "class" not in row]
+    first_w = settings[0]["guidance_scale"] if settings else None
     if len({(s["sampler"], s["sampling_steps"]) for s in settings}) > 1:
-        _plot_against_steps(rows, out / "metrics_vs_steps.png")
+        _plot_against_steps([r for r in overall if r.get("guidance_scale") == first_w], out / "metrics_vs_steps.png")
     images = {}
+    if len({s["guidance_scale"] for s in settings}) > 1:
+        plot_guidance(rows, out / "guidance.png")
+        images["guidance"] = out / "guidance.png"
+    if any("class" in row for row in rows):
+        record["class_names"] = results["class_names"]
+        table = per_class_table(rows, results["class_names"])
+        (out / "per_class.md").write_text(table.lstrip() + "\n")
     if "rate_distortion" in results:
         record["rate_distortion"] = {**results["rate_distortion"], "split": split}
         plot_rate_distortion(results["rate_distortion"], out / "rate_distortion.png")
@@ -454,7 +534,9 @@ def write_results(cfg: DictConfig, results: dict) -> dict:
             "figure": PAPER[figure["name"]], "file": images[figure["stem"]].name, "rows": figure["row_labels"],
             "columns": figure["column_labels"], "settings": figure["settings"]}
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
-    _print_table(rows)
+    _print_table(overall)
+    if any("class" in row for row in rows):
+        print(table)
     for name, path in images.items():
         print(f"{name}: {path}")
     _log(cfg, rows, images)
@@ -466,7 +548,9 @@ def _log(cfg: DictConfig, rows: list[dict], images: dict[str, Path]) -> None:
     summary)."""
     from ddpmlab.loggers import finish_wandb, log_image
 
-    numbers = {f"eval/{row['metric']}": row["value"] for row in rows if row["value"] is not None}
+    numbers = {f"eval/{row['metric']}" + (f"/w={row['guidance_scale']:g}" if "guidance_scale" in row else "")
+               + (f"/class={row['class']}" if "class" in row else ""): row["value"]
+               for row in rows if row["value"] is not None}
     for node in (cfg.get("logger") or {}).values():
         logger = build(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -535,8 +619,9 @@ def _print_table(rows: list[dict]) -> None:
         error = row.get("se", row.get("std"))
         std = "" if error is None else f"{error:.4f}"
         details = row.get("unavailable") or ", ".join(
-            f"{k}={row[k]}" for k in ("test_images", "split", "samples", "reference_images", "sampler",
-                                      "sampling_steps", "network_calls", "feature_extractor")
+            f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+            for k in ("test_images", "split", "given", "samples", "reference_images", "sampler", "sampling_steps",
+                      "network_calls", "guidance_scale", "labels", "ceiling", "feature_extractor", "classifier")
             if k in row)
         print(f"{row['metric']:<22}{value:>12}{std:>10}  {details}, {row['seconds']:.1f}s")
     if any(row.get("split") == NO_HELD_OUT for row in rows):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ddpmlab.diffusion import GaussianDiffusion
+from ddpmlab.diffusion.guidance import conditioned
 from ddpmlab.diffusion.timesteps import UniformTimesteps
 from ddpmlab.errors import ConfigError, NonFiniteLoss
 
@@ -27,7 +28,7 @@ class DiffusionModule(L.LightningModule):
     """Trains `model` on `diffusion`'s loss and keeps an exponential moving average of its weights.
 
     Args:
-        model: the network, `model(x_t, t)`.
+        model: the network, `model(x_t, t)`, or `model(x_t, t, y)` for a class-conditional one (batches (x, y)).
         diffusion: the GaussianDiffusion that defines q, p and the loss.
         timestep_sampler: draws each example's t and its loss weight (default: uniform); its state, if any,
             is part of the module's state and so of every checkpoint.
@@ -95,13 +96,17 @@ class DiffusionModule(L.LightningModule):
         self.ema_model.eval()
         return self
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.model(x_t, t)
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.model(x_t, t) if y is None else self.model(x_t, t, y)
 
-    def training_step(self, x_0: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x_0, y = batch if isinstance(batch, (tuple, list)) else (batch, None)  # images, or (images, labels)
         t, weights = self.timestep_sampler.sample(x_0.shape[0], x_0.device)
         eps = torch.randn_like(x_0)
-        terms = self.diffusion.training_losses(self.model, x_0, t, eps)  # each (B,)
+        if y is not None:  # label dropout: some labels become "no class" (Ho & Salimans 2022, Algorithm 1)
+            y = self.diffusion.drop_labels(y, self.model.num_classes)
+        model = conditioned(self.model, y)
+        terms = self.diffusion.training_losses(model, x_0, t, eps)  # each (B,)
         self._sampled.append((t, terms["vb"].detach()))  # the sampler learns from them once the step is taken
         losses = terms["loss"] * weights
         loss = losses.mean()
@@ -113,7 +118,7 @@ class DiffusionModule(L.LightningModule):
         self.log("train/mse", terms["mse"].mean())
         # The bound in bits/dim, whatever the loss trained: L_T and L_0 exact (one more network call, on logging
         # steps only), the KL terms estimated from this batch's t >= 1 (unbiased; see bound_from_draws).
-        self.log("train/vlb_bpd", self.diffusion.bound_from_draws(self.model, x_0, eps, t, weights, terms["vb"]).mean())
+        self.log("train/vlb_bpd", self.diffusion.bound_from_draws(model, x_0, eps, t, weights, terms["vb"]).mean())
         # The loss by quarter of the t range: where the network still has most to learn.
         quarter = (t * 4) // self.diffusion.num_timesteps
         sums = torch.zeros(4, device=x_0.device).index_add_(0, quarter, losses.detach())

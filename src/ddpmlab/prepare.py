@@ -10,12 +10,17 @@ source has one (CIFAR-10, MNIST, Fashion-MNIST, an image folder with a test/ fol
     fashion_mnist:ROOT    Fashion-MNIST under ROOT/FashionMNIST/raw (or Debian's dataset-fashion-mnist)
     lsun:PATH             LSUN's LMDB export (e.g. church_outdoor_train_lmdb); needs `pip install lmdb`
 
+A labelled source (the three datasets, an image folder whose images lie in class folders, SRC/<class>/...) is
+written with each image's class index beside it and the class names in DIR/classes.json, for class-conditional
+training (model.num_classes) from the shards.
+
 Bad arguments print one line and exit 2 before anything is written; DIR must not exist or be empty.
 """
 
 import argparse
 import ctypes
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -28,33 +33,40 @@ import torch
 from PIL import Image, ImageColor
 
 from ddpmlab.data import (
-    READERS, image_files, image_folder_split, load_image, read_cifar10, read_fashion_mnist, read_mnist, resize_crop,
+    READERS, folder_labels, image_files, image_folder_split, load_image, read_cifar10, read_fashion_mnist, read_mnist,
+    resize_crop, torchvision_labels,
 )
 from ddpmlab.errors import ConfigError, OneLineParser
 from ddpmlab.progress import track
-from ddpmlab.shards import TEST, TRAIN, litdata
+from ddpmlab.shards import CLASSES, TEST, TRAIN, litdata
 
 DATASETS = {"cifar10": read_cifar10, "mnist": read_mnist, "fashion_mnist": read_fashion_mnist}
 CHANNELS = {"cifar10": 3, "mnist": 1, "fashion_mnist": 1, "lsun": 3}  # a folder: its images' (folder_channels)
 assert set(DATASETS) <= set(READERS)  # the same readers as training's in-memory path
 
 
+def _item(image: torch.Tensor, labels, index: int):
+    """What a shard stores: the image, or {"image", "label"} from a labelled source."""
+    return image if labels is None else {"image": image, "label": int(labels[index])}
+
+
 class FromFiles:
     """Index -> uint8 (C, S, S) of that image file (or LMDB key) through data.load_image: EXIF, 8-bit,
-    transparency, resize.
+    transparency, resize; with `labels` (one per item), {"image": ..., "label": ...}.
 
     litdata gets indices, not paths: given paths it starts processes that copy the files to a cache first,
     and a failing image then leaves them orphaned, holding our stderr open.
     """
 
-    def __init__(self, items: list, image_size: int, channels: int, background, lmdb_path: str | None = None):
+    def __init__(self, items: list, image_size: int, channels: int, background, lmdb_path: str | None = None,
+                 labels: list[int] | None = None):
         self.items, self.image_size, self.channels, self.background = items, image_size, channels, background
-        self.lmdb_path, self.env = lmdb_path, None
+        self.lmdb_path, self.env, self.labels = lmdb_path, None, labels
 
     def __call__(self, index: int):
         item = self.items[index]
         if self.lmdb_path is None:
-            return load_image(Path(item), self.image_size, self.channels, self.background)
+            return _item(load_image(Path(item), self.image_size, self.channels, self.background), self.labels, index)
         if self.env is None:  # opened in the worker process that reads (LMDB handles do not cross a fork)
             import lmdb
 
@@ -64,19 +76,22 @@ class FromFiles:
 
 
 class FromTensor:
-    """Index -> uint8 (C, S, S) from a split held as a uint8 (N, C, H, W) tensor (the small torchvision datasets)."""
+    """Index -> uint8 (C, S, S) from a split held as a uint8 (N, C, H, W) tensor (the small torchvision datasets),
+    with its label (the labels (N,)) as FromFiles gives it."""
 
-    def __init__(self, images: torch.Tensor, image_size: int, channels: int):
-        self.images, self.image_size, self.channels = images, image_size, channels
+    def __init__(self, images: torch.Tensor, image_size: int, channels: int, labels: torch.Tensor | None = None):
+        self.images, self.image_size, self.channels, self.labels = images, image_size, channels, labels
 
     def __call__(self, index: int):
         array = self.images[index].permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
         img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-        return resize_crop(img.convert("L" if self.channels == 1 else "RGB"), self.image_size, self.channels)
+        image = resize_crop(img.convert("L" if self.channels == 1 else "RGB"), self.image_size, self.channels)
+        return _item(image, self.labels, index)
 
 
-def splits(src: str, args) -> dict[str, tuple]:
-    """{split: (fn, inputs)} for SRC; every check that can fail runs here, before anything is written."""
+def splits(src: str, args) -> tuple[dict[str, tuple], list[str] | None]:
+    """({split: (fn, inputs)}, the class names or None) for SRC; every check that can fail runs here, before
+    anything is written."""
     kind, _, rest = src.partition(":")
     channels = args.channels or CHANNELS.get(kind, 3)
     if rest and kind in DATASETS:
@@ -84,10 +99,12 @@ def splits(src: str, args) -> dict[str, tuple]:
             raise ConfigError(f"--test-fraction={args.test_fraction} is for image folders: {kind} has a test split")
         read = lambda train: DATASETS[kind](Path(rest).expanduser(), train=train,  # noqa: E731
                                             verify_checksums=args.verify_checksums, unverified="--no-verify-checksums")
-        return {name: (FromTensor(images, args.image_size, channels), list(range(len(images))))
-                for name, images in ((TRAIN, read(True)), (TEST, read(False)))}
+        labelled = {name: (read(train), *torchvision_labels(Path(rest).expanduser(), train, kind))
+                    for name, train in ((TRAIN, True), (TEST, False))}
+        return ({name: (FromTensor(images, args.image_size, channels, labels), list(range(len(images))))
+                 for name, (images, labels, _) in labelled.items()}, labelled[TRAIN][2])
     if rest and kind == "lsun":
-        return {TRAIN: _lsun(Path(rest).expanduser(), args.image_size, channels, args.background)}
+        return {TRAIN: _lsun(Path(rest).expanduser(), args.image_size, channels, args.background)}, None
     if rest and not Path(src).exists():
         raise ConfigError(f"SRC={src} is no folder and no known source: use a folder of images, "
                           f"{', '.join(f'{k}:ROOT' for k in DATASETS)} or lsun:PATH")
@@ -98,9 +115,12 @@ def splits(src: str, args) -> dict[str, tuple]:
         print(f"channels: {channels} ({'every image is grayscale' if channels == 1 else 'some images have colour'}; "
               f"--channels {4 - channels} to store {'RGB' if channels == 1 else 'grayscale'})", file=sys.stderr)
     train, test = image_folder_split(root, files, args.test_fraction, args.split_seed)
+    labels, names = folder_labels(root, files, train)
+    of = dict(zip(files, labels)) if labels is not None else None
     out = {TRAIN: train} | ({TEST: test} if train is not test else {})  # test: a held-out split exists
-    return {name: (FromFiles(files, args.image_size, channels, args.background), list(range(len(files))))
-            for name, files in out.items()}
+    return ({name: (FromFiles(split, args.image_size, channels, args.background,
+                              labels=None if of is None else [of[p] for p in split]), list(range(len(split))))
+             for name, split in out.items()}, names)
 
 
 # Pillow's modes of one grey band (with or without alpha, any bit depth); a palette image is grey when its palette is.
@@ -163,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         args.background = ImageColor.getrgb(args.background)[:3]
     except ValueError:
         raise ConfigError(f"--background={args.background!r} is not a colour: use a name (white) or #rrggbb") from None
-    work = splits(args.src, args)
+    work, class_names = splits(args.src, args)
+    print(f"labels: {len(class_names)} classes ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''})"
+          if class_names else "labels: none (a folder: not every image lies in a class folder, SRC/<class>/...)", file=sys.stderr)
     # Written beside --out and renamed into place when whole, so a failure leaves no half-written --out that
     # every rerun would refuse; the temporary folder is ours, removed on failure.
     partial = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
@@ -172,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, (fn, inputs) in work.items():
             print(f"{name}: {len(inputs)} images -> {args.out / name}", file=sys.stderr)
             optimize(fn, inputs, partial / name, min(args.workers, len(inputs)), args.chunk_bytes)
+        if class_names:
+            (partial / CLASSES).write_text(json.dumps(class_names))
         if args.out.exists():
             args.out.rmdir()  # empty, checked above
         partial.rename(args.out)

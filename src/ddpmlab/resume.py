@@ -115,12 +115,14 @@ def with_fresh_state(state_dict: dict, module: nn.Module, parts: list[str]) -> d
 @dataclass
 class Start:
     """Where a run starts: the checkpoint Lightning restores (None: a new run, step 0), the step it starts at,
-    the defining keys resume.allow_changes let through, and lines for the run's log."""
+    the defining keys resume.allow_changes let through, lines for the run's log, and a resumed class-conditional
+    run's class names (its label embedding indexes them: the data's must be the checkpoint's)."""
 
     fit_from: str | None = None
     step: int = 0
     changed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None
 
 
 def start(cfg: DictConfig, build_module) -> tuple:
@@ -171,6 +173,7 @@ def start(cfg: DictConfig, build_module) -> tuple:
                       cfg.ckpt_path)
         begin.step = int(checkpoint.get("global_step", 0))
         check_left_to_train(cfg, checkpoint)
+        begin.class_names = ((checkpoint.get("config") or {}).get("data") or {}).get("class_names")
     else:
         check_resume(None, module.config, cfg, None)  # resume.allow_changes names real keys even when unused
     if cfg.init_from is not None:

@@ -210,6 +210,8 @@ TRAIN: dict[str, Rule] = {
     "model.downsample_padding": choice("symmetric", "same"),
     "model.flip_sin_to_cos": flag(),
     "model.freq_shift": number(),
+    "model.num_classes": integer(1, null=True, fix="null: unconditional; N: conditional on N classes (10 for "
+                                 "Fashion-MNIST)"),
     # schedule: one of ddpmlab.diffusion.schedules' functions
     "schedule._target_": text(),
     "schedule.timesteps": integer(1, fix="set schedule.timesteps=1000 (the DDPM paper's T)"),
@@ -237,6 +239,7 @@ TRAIN: dict[str, Rule] = {
     "diffusion.sigma_min": number(0, above=True, fix="EDM uses 0.002"),
     "diffusion.sigma_max": number(0, above=True, fix="EDM uses 80"),
     "diffusion.strata": integer(1),
+    "diffusion.cond_drop_prob": number(0, 1, below=True, fix="Ho & Salimans use 0.1 or 0.2"),
     "timestep_sampler._target_": text(),
     "timestep_sampler.history": integer(1),
     "timestep_sampler.uniform_prob": number(0, 1),
@@ -273,6 +276,9 @@ TRAIN: dict[str, Rule] = {
     "callbacks.sample_grid.sampler": choice(*SAMPLERS),
     "callbacks.sample_grid.sampling_steps": integer(1, null=True, fix="null: all T steps"),
     "callbacks.sample_grid.seed": integer(0),
+    "callbacks.sample_grid.labels": either(choice("all"), list_of(integer(0), min_length=1), null=True,
+                                           fix="all (one row per class) or a list of classes, e.g. [0,3]"),
+    "callbacks.sample_grid.guidance_scale": number(0, null=True, fix="null or 0: no guidance; e.g. 1"),
     "callbacks.lr_monitor.logging_interval": choice("step", "epoch", null=True),
     "callbacks.last_checkpoint.check_every_n_steps": integer(1),
     "callbacks.progress_bar.refresh_rate": integer(1),
@@ -316,6 +322,10 @@ EVAL: dict[str, Rule] = {
     "edm.S_tmin": number(0),
     "edm.S_tmax": number(0),
     "edm.S_noise": number(0, above=True, fix="EDM uses 1.003 to 1.007"),
+    "labels": either(choice("all"), list_of(integer(0), min_length=1), null=True,
+                     fix="all (every class equally) or a list of classes, e.g. [0,3]"),
+    "guidance_scale": either(number(0), list_of(number(0), min_length=1), null=True,
+                             fix="a w >= 0 or a list, e.g. [0,0.5,1,2,4]; null for an unconditional checkpoint"),
     "nll.num_images": integer(1, null=True, fix="null: the whole test split"),
     "nll.clip_denoised": flag(),
     "nll_estimate.num_images": integer(1, null=True, fix="null: the whole test split"),
@@ -574,8 +584,37 @@ def _something_to_do(cfg) -> None:
                       f"name metrics from {', '.join(METRICS)}, or figures from {', '.join(FIGURES)}")
 
 
+def check_conditioning(labels, guidance_scale, num_classes: int | None, cond_drop_prob: float, prefix: str,
+                       model: str, verb: str = "train with") -> None:
+    """`labels` and `guidance_scale` (one w or a list) against the model they sample (`model`, in words): labels
+    and guidance need a class-conditional model, labels lie in [0, num_classes), and guidance (w > 0) needs the
+    "no class" label trained (diffusion.cond_drop_prob > 0). `verb`: how the fix gets such a model ("set" in a run)."""
+    scales = [w for w in (guidance_scale if isinstance(guidance_scale, (list, ListConfig)) else [guidance_scale])
+              if w is not None]
+    if num_classes is None:
+        for key, value in ((f"{prefix}labels", labels), (f"{prefix}guidance_scale", guidance_scale)):
+            if value is not None:
+                raise problem(key, value, f"null for {model}, which is unconditional (model.num_classes=null)",
+                              f"drop {key}, or {verb} model.num_classes=N")
+        return
+    if isinstance(labels, (list, ListConfig)) and any(not 0 <= c < num_classes for c in labels):
+        raise problem(f"{prefix}labels", list(labels), f"all or classes in 0..{num_classes - 1} (the {num_classes} "
+                      f"classes of {model})", f"e.g. {prefix}labels=[0,{num_classes - 1}], or {prefix}labels=all")
+    if not cond_drop_prob and any(scales):
+        raise problem(f"{prefix}guidance_scale", guidance_scale, f"0 for {model}, whose \"no class\" label was never "
+                      "trained (diffusion.cond_drop_prob=0)", f"set {prefix}guidance_scale=0, or {verb} "
+                      "diffusion.cond_drop_prob=0.1")
+
+
+def _sample_grid_conditioning(cfg) -> None:
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid")
+    if grid:
+        check_conditioning(grid.get("labels"), grid.get("guidance_scale"), cfg.model.get("num_classes"),
+                           cfg.diffusion.get("cond_drop_prob", 0.0), "callbacks.sample_grid.", "this run", verb="set")
+
+
 TRAIN_CROSS = (_edm_grid_sampler, _sample_grid_steps, _model_follows_data, _batch_fits_dataset, _training_stops,
-               _edm_noise_range)
+               _edm_noise_range, _sample_grid_conditioning)
 EVAL_CROSS = (_sample_metrics_need_samples, _edm_noise_range, _one_checkpoint_or_a_sweep, _something_to_do)
 
 

@@ -1,7 +1,8 @@
 """Shards written by `python -m ddpmlab.prepare`: litdata's chunked format, read from disk as batches are needed.
 
 DIR/train (and DIR/test when the source has a test split) each hold litdata's index.json and chunk-*.bin files
-of uint8 (C, S, S) images. Both splits are indexed as ShardImages, read image by image from disk, so neither is
+of uint8 (C, S, S) images; from a labelled source each item is {"image": ..., "label": class index} and
+DIR/classes.json holds the class names (index i: classes[i]). Both splits are indexed as ShardImages, read image by image from disk, so neither is
 ever held in memory whole. Training draws its batches as the in-memory path does (data.StepBatchSampler: a
 permutation of the whole split per epoch), not through litdata's StreamingDataLoader: that shuffles the order
 of chunks and then images only within each chunk, so from a source written in class order (ImageNet's
@@ -21,6 +22,7 @@ from torch import Tensor
 from ddpmlab.errors import ConfigError
 
 TRAIN, TEST = "train", "test"
+CLASSES = "classes.json"
 
 
 def litdata():
@@ -64,16 +66,24 @@ class ShardImages:
     images[i] is (C, S, S); images[[i, j, ...]] and images[a:b] are (N, C, S, S), as the in-memory path's tensor
     indexes. images.narrow(0, start, n) and images.index_select(0, indices) are views that read nothing until
     indexed (a tensor's index_select copies): evaluation's subsets of a split that may not fit in memory.
+    field="label" gives the items' class labels instead, int64 () each (N,) together; "example" gives
+    (image, label) pairs, one read each: training's examples of a labelled split.
     """
 
-    dtype = torch.uint8
-
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, field: str = "image"):
+        self.folder, self.field = folder, field
         self.dataset = _indexed_dataset(folder)
+        self.dtype = torch.long if field == "label" else torch.uint8
         # The whole split's size: len(StreamingDataset) is one DDP rank's share.
         self.order = range(sum(chunk["chunk_size"] for chunk in json.loads((folder / "index.json").read_text())["chunks"]))
-        self.image_shape = tuple(self.dataset[0].shape) if self.order else ()  # read once; views share it
+        self.image_shape = tuple(self._read(0).shape) if self.order and field != "example" else ()  # read once
+
+    def _read(self, k: int):
+        item = self.dataset[k]
+        if not isinstance(item, dict):  # written without labels: the image itself
+            return item
+        label = torch.tensor(item["label"], dtype=torch.long)
+        return {"image": item["image"], "label": label, "example": (item["image"], label)}[self.field]
 
     def narrow(self, dim: int, start: int, length: int) -> "ShardImages":
         assert dim == 0 and 0 <= start and 0 <= length and start + length <= len(self), (dim, start, length)
@@ -82,6 +92,13 @@ class ShardImages:
     def index_select(self, dim: int, indices) -> "ShardImages":
         assert dim == 0, dim
         return self._view([self.order[int(i)] for i in indices])
+
+    def with_field(self, field: str) -> "ShardImages":
+        """The same items read as another field (image, label, example)."""
+        view = copy.copy(self)
+        view.field = field
+        view.dtype = torch.long if field == "label" else torch.uint8
+        return view
 
     def _view(self, order) -> "ShardImages":
         view = copy.copy(self)
@@ -99,7 +116,7 @@ class ShardImages:
         if isinstance(index, slice):
             index = range(*index.indices(len(self)))
         if isinstance(index, int):
-            return self.dataset[self.order[index]]  # IndexError out of range, as a tensor's
+            return self._read(self.order[index])  # IndexError out of range, as a tensor's
         return torch.stack([self[int(i)] for i in index])
 
 
@@ -108,3 +125,12 @@ def read_shards(root: Path, train: bool, path: str | None = None, **_) -> ShardI
     if not path:
         raise ConfigError("data.path is unset: data=shards needs data.path=DIR, the --out of `python -m ddpmlab.prepare`")
     return ShardImages(split_folder(Path(path).expanduser(), train))
+
+
+def read_shard_labels(root: Path, train: bool, path: str | None = None, **_) -> tuple[ShardImages, list[str]] | tuple[None, None]:
+    """A split's labels, read from its items on access, and the class names (DIR/classes.json); (None, None) for
+    shards written from a source without labels."""
+    folder = Path(path).expanduser()
+    if not (folder / CLASSES).is_file():
+        return None, None
+    return ShardImages(split_folder(folder, train), field="label"), json.loads((folder / CLASSES).read_text())

@@ -136,15 +136,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):  # trainer.precision=auto: what this machine runs best; stored so in every checkpoint
         cfg.trainer.precision = resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build(cfg.data)
+    datamodule = build(cfg.data, num_classes=cfg.model.get("num_classes"))  # labels only for a conditional model
     module, begin = start(cfg, build_module)  # where the run goes and what it continues: ddpmlab.resume
     check_optimized_metric(cfg, begin.step)
     output_dir, changed, notes = Path(cfg.paths.output_dir), begin.changed, begin.notes
+    if begin.fit_from is not None:  # a resume trains on the classes its label embedding indexes
+        datamodule.class_names = begin.class_names
     datamodule.setup("fit")  # missing or unreadable data fails here, before any file is written
     if cfg.data.dataset not in DATASET_SIZES:  # an image folder's or the shards' size, known once read
         fraction = cfg.data.get("test_fraction")  # image folders only
         held_out = f" (after data.test_fraction={fraction})" if fraction else ""
         check_batch_fits(cfg, len(datamodule.train_images), f"{cfg.data.dataset} {datamodule.source}{held_out}")
+    if datamodule.class_names is not None:  # the checkpoint's config says which label is which class
+        module.config["data"]["class_names"] = datamodule.class_names
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None] + [RunRecord(cfg, notes)]
     if cfg.val.num_images:
@@ -152,7 +156,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if datamodule.test_split == NO_HELD_OUT:
             notes.append(f"val/bpd is measured on training images: {datamodule.source} has no held-out split, so it "
                          "cannot show overfitting; give it a test/ folder, or set data.test_fraction=0.1")
-        callbacks.append(ValidationBound(datamodule.test_images, split=datamodule.test_split, **cfg.val))
+        callbacks.append(ValidationBound(datamodule.test_images, labels=datamodule.test_labels,
+                                         split=datamodule.test_split, **cfg.val))
     if any(key.startswith("optim.") for key in changed):
         callbacks.append(ApplyOptimChanges())
     loggers = [build(c) for c in (cfg.logger or {}).values() if c is not None]

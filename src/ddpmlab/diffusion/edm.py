@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ddpmlab.diffusion.guidance import drop_labels
 from ddpmlab.diffusion.losses import discretized_gaussian_log_likelihood
 from ddpmlab.diffusion.noise import Generator, randint, randn
 from ddpmlab.errors import ConfigError
@@ -47,10 +48,11 @@ class EDMDiffusion(nn.Module):
             the likelihood's ends (EDM: 0.002, 80).
         strata: N, the equal-probability strata of the training noise distribution the timestep sampler draws
             (`num_timesteps`); the distribution itself is exactly log-normal for any N.
+        cond_drop_prob: a class-conditional network's label dropout to "no class" (as GaussianDiffusion's).
     """
 
     def __init__(self, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, strata: int = 1000):
+                 sigma_max: float = 80.0, strata: int = 1000, cond_drop_prob: float = 0.0):
         super().__init__()
         if not 0 < sigma_min < sigma_max:
             raise ConfigError(f"diffusion.sigma_min={sigma_min} must be positive and below diffusion.sigma_max="
@@ -60,8 +62,16 @@ class EDMDiffusion(nn.Module):
                 raise ConfigError(f"diffusion.{key} must be positive, got {value}")
         self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
         self.sigma_min, self.sigma_max, self.num_timesteps = sigma_min, sigma_max, strata
+        if not (isinstance(cond_drop_prob, (int, float)) and 0 <= cond_drop_prob < 1):
+            raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {cond_drop_prob!r}: Ho & Salimans "
+                              "use 0.1 or 0.2")
+        self.cond_drop_prob = cond_drop_prob
         # follows .to(device) as GaussianDiffusion's tables do: a sampler draws its first noise where this is
         self.register_buffer("sigma_range", torch.tensor([sigma_min, sigma_max]), persistent=False)
+
+    def drop_labels(self, y: Tensor | None, null_label: int) -> Tensor | None:
+        """Label dropout at cond_drop_prob (ddpmlab.diffusion.guidance.drop_labels)."""
+        return drop_labels(y, null_label, self.cond_drop_prob)
 
     def output_channels(self, channels: int) -> int:
         """The network outputs F, one value per pixel."""

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from ddpmlab.progress import track
 
+from ddpmlab.diffusion.guidance import drop_labels
 from ddpmlab.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from ddpmlab.diffusion.noise import Generator, randint, randn
 from ddpmlab.errors import ConfigError
@@ -71,6 +72,9 @@ class GaussianDiffusion(nn.Module):
             always called with original indices.
         network_betas: for a respaced diffusion, the original schedule: a `mean` network outputs the posterior
             mean of the original one-step chain at its original index, whatever chain samples with it.
+        cond_drop_prob: for a class-conditional network, the share of training examples whose label is
+            replaced by "no class" (`drop_labels`; Ho & Salimans 2022: 0.1 or 0.2), which trains the
+            unconditional model that classifier-free guidance needs; unused without labels.
     """
 
     def __init__(
@@ -84,9 +88,14 @@ class GaussianDiffusion(nn.Module):
         min_snr_gamma: float = 5.0,
         timestep_map: Tensor | None = None,
         network_betas: Tensor | None = None,
+        cond_drop_prob: float = 0.0,
     ):
         super().__init__()
         self._validate(prediction, variance, loss, loss_weighting, min_snr_gamma)
+        if not (isinstance(cond_drop_prob, (int, float)) and 0 <= cond_drop_prob < 1):
+            raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {cond_drop_prob!r}: Ho & Salimans "
+                              "use 0.1 or 0.2")
+        self.cond_drop_prob = cond_drop_prob
         self.prediction, self.variance, self.loss = prediction, variance, loss
         self.vlb_weight, self.loss_weighting, self.min_snr_gamma = vlb_weight, loss_weighting, min_snr_gamma
         self.learns_variance = variance.startswith("learned")
@@ -311,6 +320,10 @@ class GaussianDiffusion(nn.Module):
                 "hybrid": mse + self.vlb_weight * self.num_timesteps * vb}[self.loss]
         return {"loss": loss, "mse": mse.detach(), "vb": vb.detach()}
 
+    def drop_labels(self, y: Tensor | None, null_label: int) -> Tensor | None:
+        """Label dropout at cond_drop_prob (ddpmlab.diffusion.guidance.drop_labels)."""
+        return drop_labels(y, null_label, self.cond_drop_prob)
+
     # ---- the variational bound (Ho et al. eq. 5), in bits per dimension -----------------------
 
     def prior_bpd(self, x_0: Tensor) -> Tensor:
@@ -432,5 +445,6 @@ class GaussianDiffusion(nn.Module):
             1.0 - alphas_cumprod / prev, self.prediction, self.variance, self.loss, self.vlb_weight,
             self.loss_weighting, self.min_snr_gamma, timestep_map=self.timestep_map.cpu()[kept],
             network_betas=self.network_betas64,
+            cond_drop_prob=self.cond_drop_prob,
         )
         return respaced.to(self.betas.device)

@@ -14,9 +14,9 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from ddpmlab.errors import ConfigError
-from ddpmlab.hub.convert import (DDPM, DIFFUSERS, diffusion_from_ddpm, diffusion_from_scheduler, model_from_ddpm,
-                                 model_from_unet, refuse, scheduler_from_diffusion, tensor_table, unet_from_model,
-                                 weights_to_diffusers, weights_to_ours)
+from ddpmlab.hub.convert import (CLASS_NAMES, DDPM, DIFFUSERS, diffusion_from_ddpm, diffusion_from_scheduler,
+                                 model_from_ddpm, model_from_unet, refuse, scheduler_from_diffusion, tensor_table,
+                                 unet_from_model, weights_to_diffusers, weights_to_ours)
 from ddpmlab.hub.folders import check_hub, push, read_source, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -26,10 +26,12 @@ DATA_BY_SHAPE = {(3, 32): "cifar10", (1, 28): "fashion_mnist"}
 
 
 def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: str | None = None,
-                      image_size: int | None = None, variance: str | None = None) -> dict:
+                      image_size: int | None = None, variance: str | None = None,
+                      num_classes: int | None = None) -> dict:
     """Convert the diffusers folder `src` (or hf://owner/name) into the checkpoint `out`; returns its config.
     `src` may also be a weights file in the original DDPM port's names, which needs `image_size` and `variance`;
-    a UNet2DModel folder without scheduler/ needs `variance` (its schedule is Ho et al.'s)."""
+    a UNet2DModel folder without scheduler/ needs `variance` (its schedule is Ho et al.'s); `num_classes`: a class
+    embedding ddpmlab did not export has that many classes and then "no class" (convert.classes_from_unet)."""
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out {out} exists: choose a new file name (nothing is overwritten)")
@@ -41,7 +43,7 @@ def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: s
         raise ConfigError(f"--image-size and --variance are for a DDPM weights file (--variance also for a bare "
                           f"UNet2DModel folder): {src}'s own configs say them")
     else:
-        model, names = model_from_unet(source.unet_config), DIFFUSERS
+        model, names = model_from_unet(source.unet_config, num_classes), DIFFUSERS
         # a bare UNet2DModel folder: DDPMScheduler's defaults are Ho et al.'s schedule, but its variance
         # (fixed_small) is not that of every release (google/ddpm-cifar10-32 is fixed_large), so it is asked for
         schedule, diffusion = (diffusion_from_scheduler(source.scheduler_config) if source.scheduler_config is not None
@@ -50,7 +52,9 @@ def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: s
     if model["out_channels"] != wanted:
         raise refuse("out_channels", model["out_channels"], f"variance {diffusion['variance']} with "
                      f"{model['in_channels']} image channels needs {wanted} outputs")
-    cfg = _train_config(model, schedule, diffusion, out, data, data_root, Path(src.removeprefix("hf://")).name)
+    class_names = (source.unet_config or {}).get(CLASS_NAMES)
+    cfg = _train_config(model, schedule, diffusion, out, data, data_root, Path(src.removeprefix("hf://")).name,
+                        class_names)
     # Lightning, and Hydra above, load only once the source is read: a refused one is answered in a second
     import lightning
 
@@ -68,8 +72,10 @@ def import_checkpoint(src: str, out: Path, data: str | None = None, data_root: s
     return config
 
 
-def _train_config(model: dict, schedule: dict, diffusion: dict, out: Path, data, data_root, name: str):
-    """conf/config.yaml composed as train.py would, with the source's network, schedule and diffusion."""
+def _train_config(model: dict, schedule: dict, diffusion: dict, out: Path, data, data_root, name: str,
+                  class_names: list[str] | None = None):
+    """conf/config.yaml composed as train.py would, with the source's network, schedule and diffusion (and a
+    conditional network's class names, when the source says them)."""
     shape = (model["in_channels"], model["image_size"])
     data = data or DATA_BY_SHAPE.get(shape, "image_folder")
     learned = diffusion["variance"] == "learned_range"
@@ -93,6 +99,8 @@ def _train_config(model: dict, schedule: dict, diffusion: dict, out: Path, data,
                 cfg.model[key] = value
         cfg.schedule = schedule
         cfg.diffusion.prediction, cfg.diffusion.variance = diffusion["prediction"], diffusion["variance"]
+        if class_names:
+            cfg.data.class_names = list(class_names)
     return cfg
 
 
@@ -112,7 +120,7 @@ def export_pipeline(ckpt: str, out: Path, use_ema: bool = True, push_to: str | N
                      "(it is trained on a continuous sigma with EDM's preconditioning)")
     if model.get("_target_") != "ddpmlab.models.UNet":
         raise refuse("model._target_", model.get("_target_"), "only our U-Net has a diffusers equivalent")
-    unet_config = unet_from_model(model, network.conv_out.out_channels)
+    unet_config = unet_from_model(model, network.conv_out.out_channels, train_cfg.data.get("class_names"))
     scheduler_config = scheduler_from_diffusion(OmegaConf.to_container(train_cfg.diffusion.betas),
                                                 OmegaConf.to_container(train_cfg.diffusion), diffusion.betas64)
     table = tensor_table(model)

@@ -4,11 +4,13 @@ Bad input (a folder that is no diffusers folder, a network ours cannot represent
 is one line on stderr and exit 2, with nothing written.
 """
 
+import json
 import sys
+from pathlib import Path
 
 from ddpmlab.errors import ConfigError, OneLineParser
 from ddpmlab.hub import export_pipeline, import_checkpoint
-from ddpmlab.hub.convert import paper_dropout
+from ddpmlab.hub.convert import NUM_CLASSES, paper_dropout
 
 
 def same_network(config: dict) -> list[str]:
@@ -44,6 +46,8 @@ def main(argv=None) -> None:
     load.add_argument("--image-size", type=int, help="a DDPM weights file only: its image size")
     load.add_argument("--variance", help="a DDPM weights file or a UNet2DModel folder without scheduler/ only: "
                                          "fixed_large (CIFAR-10) or fixed_small (LSUN, CelebA-HQ)")
+    load.add_argument("--num-classes", type=int, help="a class-conditional UNet2DModel that ddpmlab did not export: N "
+                                                      "when its num_class_embeds is N + 1 and label N is \"no class\"")
     save = commands.add_parser("export", help="a ddpmlab checkpoint -> a DDPMPipeline folder")
     save.add_argument("ckpt", help="a checkpoint written by train.py or by import")
     save.add_argument("--out", required=True, help="the folder to write (new or empty)")
@@ -52,7 +56,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
-            config = import_checkpoint(args.src, args.out, args.data, args.data_root, args.image_size, args.variance)
+            config = import_checkpoint(args.src, args.out, args.data, args.data_root, args.image_size, args.variance,
+                                       args.num_classes)
             data, diffusion = config["data"], config["diffusion"]
             dropout = paper_dropout(config["model"])
             print(f"wrote {args.out}: {data['channels']}x{data['image_size']}x{data['image_size']} "
@@ -63,9 +68,16 @@ def main(argv=None) -> None:
                      "source's config says)" if dropout is not None and config["model"]["dropout"] == dropout else ""))
         else:
             T = export_pipeline(args.ckpt, args.out, use_ema=not args.raw, push_to=args.push_to_hub)
-            print(f"wrote {args.out}: DDPMPipeline.from_pretrained({args.out!r})(batch_size=16, "
-                  f"num_inference_steps={T}) samples as our ancestral sampler (all T={T} steps)"
-                  + (f"; uploaded to hf://{args.push_to_hub}" if args.push_to_hub else ""))
+            num_classes = json.loads((Path(args.out) / "unet" / "config.json").read_text()).get(NUM_CLASSES)
+            uploaded = f"; uploaded to hf://{args.push_to_hub}" if args.push_to_hub else ""
+            if num_classes is None:
+                print(f"wrote {args.out}: DDPMPipeline.from_pretrained({args.out!r})(batch_size=16, "
+                      f"num_inference_steps={T}) samples as our ancestral sampler (all T={T} steps){uploaded}")
+            else:  # DDPMPipeline calls its UNet without class_labels, which a class embedding needs
+                print(f"wrote {args.out}: a class-conditional UNet2DModel ({num_classes} classes, label {num_classes} "
+                      f"= \"no class\") and its DDPMScheduler; DDPMPipeline passes no class labels, so call the UNet "
+                      f"as unet(x_t, t, class_labels=y).sample in your own loop over scheduler.step, with guidance "
+                      f"uncond + s * (cond - uncond) at s = 1 + w (ddpmlab's w){uploaded}")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,11 @@ a config.json lacking a field gets UNet2DModel's default for it (UNET_DEFAULTS),
 one head per block, and the mid block's attention has a GroupNorm only when `attn_norm_num_groups` is set or the
 time embedding is added (not scale-shift). Every field either maps onto an option of our U-Net or is refused in
 one line naming it: a network we cannot represent exactly is never converted approximately.
+A class-conditional U-Net (model.num_classes = N) is UNet2DModel's `num_class_embeds` = N + 1: diffusers adds
+class_embedding(class_labels) to the time embedding after its MLP, as ours adds label_emb(y), and ours has one more
+row, the last, for "no class" (classifier-free guidance). diffusers' config has no word for which row that is, so
+the export says it in private fields (`_ddpmlab_num_classes`, `_ddpmlab_class_names`, which diffusers ignores);
+a folder without them is imported only when told (--num-classes N: its last label is "no class").
 """
 
 import torch
@@ -26,7 +31,8 @@ UNET_DEFAULTS = {
 # Fields whose other values build a network ours is not.
 UNET_FIXED = {"center_input_sample": False, "time_embedding_type": "positional", "mid_block_type": "UNetMidBlock2D",
               "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv", "add_attention": True,
-              "class_embed_type": None, "num_class_embeds": None}
+              "class_embed_type": None}
+NUM_CLASSES, CLASS_NAMES = "_ddpmlab_num_classes", "_ddpmlab_class_names"  # the export's own fields
 SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
@@ -59,6 +65,7 @@ DIFFUSERS = {"temb": ("time_embedding.linear_1", "time_embedding.linear_2"), "do
              "mid": ("mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"),
              "up": "up_blocks.{u}.resnets.{j}", "up_attn": "up_blocks.{u}.attentions.{j}",
              "upsample": "up_blocks.{u}.upsamplers.0.conv", "norm_out": "conv_norm_out", "resblock": RESBLOCK,
+             "label_emb": "class_embedding",
              "attention": ATTENTION, "qkv": ("to_q", "to_k", "to_v"), "linear": True}
 # The PyTorch port of the authors' TensorFlow checkpoints (pesser/pytorch_diffusion): attention by 1x1 convs.
 DDPM = {"temb": ("temb.dense.0", "temb.dense.1"), "down": "down.{i}.block.{j}", "down_attn": "down.{i}.attn.{j}",
@@ -92,8 +99,29 @@ def _fields(config: dict, class_name: str, defaults: dict, fixed: dict, why: str
     return c
 
 
-def model_from_unet(config: dict) -> dict:
-    """Our U-Net's arguments (conf/model keys, out_channels included) from a UNet2DModel config.json."""
+def classes_from_unet(config: dict, num_classes: int | None = None) -> int | None:
+    """model.num_classes of a UNet2DModel config: None without a class embedding; N for num_class_embeds = N + 1
+    whose last row is "no class", as our export says (_ddpmlab_num_classes) or `num_classes` (--num-classes) does."""
+    embeds = config.get("num_class_embeds")
+    said = config.get(NUM_CLASSES, num_classes)
+    if embeds is None:
+        if said is not None:
+            raise refuse("num_class_embeds", None, f"the folder has no class embedding, so it is no model of "
+                         f"{said} classes: drop --num-classes")
+        return None
+    if said is None:
+        raise ConfigError(f"num_class_embeds={embeds}: a UNet2DModel does not say which of its labels, if any, is "
+                          f"classifier-free guidance's \"no class\", and ours is the last: pass --num-classes "
+                          f"{embeds - 1} if its label {embeds - 1} is \"no class\" (as ddpmlab's export writes it); "
+                          "a model without one is no model of ours")
+    if said != embeds - 1:
+        raise refuse("num_class_embeds", embeds, f"{said} classes and \"no class\" are {said + 1} labels, not {embeds}")
+    return said
+
+
+def model_from_unet(config: dict, num_classes: int | None = None) -> dict:
+    """Our U-Net's arguments (conf/model keys, out_channels included) from a UNet2DModel config.json; `num_classes`
+    (--num-classes) for a class embedding our export did not write (classes_from_unet)."""
     c = _fields(config, "UNet2DModel", UNET_DEFAULTS, UNET_FIXED, "our U-Net has no equivalent")
     if c["act_fn"] not in ("silu", "swish"):
         raise refuse("act_fn", c["act_fn"], "our U-Net uses silu (swish)")
@@ -134,7 +162,8 @@ def model_from_unet(config: dict) -> dict:
              "attn_resolutions": [size // 2**i for i in attn_levels], "dropout": c["dropout"], "norm_groups": groups,
              "num_heads": heads.pop(), "scale_shift_norm": shift == "scale_shift", "norm_eps": c["norm_eps"],
              "downsample_padding": "same" if c["downsample_padding"] == 0 else "symmetric",
-             "flip_sin_to_cos": c["flip_sin_to_cos"], "freq_shift": c["freq_shift"]}
+             "flip_sin_to_cos": c["flip_sin_to_cos"], "freq_shift": c["freq_shift"],
+             "num_classes": classes_from_unet(config, num_classes)}
     if c["dropout"] == 0.0 and paper_dropout(model) is not None:  # diffusers' default, not the training's
         model["dropout"] = paper_dropout(model)
     return model
@@ -188,8 +217,9 @@ def diffusion_from_ddpm(variance: str | None, source: str = "a DDPM weights file
              "beta_end": 0.02}, {"prediction": "eps", "variance": variance})
 
 
-def unet_from_model(model: dict, out_channels: int) -> dict:
-    """A UNet2DModel config.json for our U-Net's arguments (the run's resolved `model` config)."""
+def unet_from_model(model: dict, out_channels: int, class_names: list[str] | None = None) -> dict:
+    """A UNet2DModel config.json for our U-Net's arguments (the run's resolved `model` config); a conditional one's
+    class embedding as num_class_embeds (classes and "no class"), with what diffusers cannot say in private fields."""
     ch, levels, size = model["ch"], len(model["ch_mult"]), model["image_size"]
     channels = [ch * m for m in model["ch_mult"]]
     attn_levels = [i for i in range(levels) if size // 2**i in model["attn_resolutions"]]
@@ -212,6 +242,9 @@ def unet_from_model(model: dict, out_channels: int) -> dict:
         "norm_eps": model.get("norm_eps", 1e-5),
         "resnet_time_scale_shift": "scale_shift" if model.get("scale_shift_norm") else "default",
         "num_train_timesteps": None,
+        **({} if model.get("num_classes") is None else {
+            "num_class_embeds": model["num_classes"] + 1, NUM_CLASSES: model["num_classes"],
+            **({CLASS_NAMES: list(class_names)} if class_names else {})}),
     }
 
 
@@ -290,6 +323,8 @@ def tensor_table(model: dict, names: dict | None = None) -> list[tuple[str, tupl
             modules.append((f"up.{k}.conv", n["upsample"].format(u=u, i=i), ()))
             k += 1
     modules += [("norm_out", n["norm_out"], ()), ("conv_out", "conv_out", ())]
+    if model.get("num_classes") is not None:  # (N + 1, 4 ch) rows, the same in both: diffusers' nn.Embedding
+        modules.append(("label_emb", n["label_emb"], ()))
     table = []
     for ours, theirs, parts in modules:
         for param in ("weight", "bias"):

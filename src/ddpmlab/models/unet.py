@@ -6,6 +6,10 @@ added in between, dropout), self-attention at the resolutions in `attn_resolutio
 The CIFAR-10 setting (ch=128, ch_mult=1,2,2,2, 2 blocks, attention at 16) has 35.7M parameters.
 Two options of Nichol & Dhariwal 2021 (iDDPM's CIFAR-10 network): multi-head attention (`num_heads`) and the
 time embedding as a scale and shift of the second GroupNorm (`scale_shift_norm`).
+Class conditioning (`num_classes`): a learned embedding of the class label added to the time embedding, as
+improved-diffusion's and guided-diffusion's UNetModel (`label_emb`) and diffusers' UNet2DModel (`num_class_embeds`)
+do, with one extra row, index num_classes, for "no class": the unconditional model that classifier-free guidance
+needs (Ho & Salimans 2022, arXiv 2207.12598, section 3.2), trained by dropping labels (diffusion.cond_drop_prob).
 Options for weights trained elsewhere to give the same outputs here (ddpmlab.hub): GroupNorm's `norm_eps`
 (TensorFlow's group_norm, and so the authors' released weights, use 1e-6), TensorFlow's 'SAME' padding of the
 strided conv (`downsample_padding=same`: one zero row and column, bottom and right only) and the layout of the
@@ -125,7 +129,11 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps/x0/v network `model(x_t, t)`: (B, in_channels, S, S), (B,) -> (B, out_channels, S, S)."""
+    """eps/x0/v network `model(x_t, t, y=None)`: (B, in_channels, S, S), (B,), (B,) -> (B, out_channels, S, S).
+
+    y: class labels in [0, num_classes], num_classes meaning "no class"; None is "no class" for every image.
+    An unconditional network (num_classes=None) takes no labels.
+    """
 
     def __init__(
         self,
@@ -144,6 +152,7 @@ class UNet(nn.Module):
         downsample_padding: str = "symmetric",
         flip_sin_to_cos: bool = False,
         freq_shift: float = 1.0,
+        num_classes: int | None = None,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -153,11 +162,18 @@ class UNet(nn.Module):
                               f"{', '.join(DOWNSAMPLE_PADDINGS)}")
         if not (isinstance(norm_eps, (int, float)) and norm_eps > 0):
             raise ConfigError(f"model.norm_eps must be a positive number, got {norm_eps!r}: torch's default is 1e-5")
+        if num_classes is not None and not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
+                                            and num_classes >= 1):
+            raise ConfigError(f"model.num_classes must be a positive integer or null, got {num_classes!r}")
         temb_ch = 4 * ch
         block = functools.partial(ResBlock, temb_ch=temb_ch, dropout=dropout, groups=norm_groups,
                                   num_heads=num_heads, scale_shift=scale_shift_norm, eps=norm_eps)
         self.ch, self.flip_sin_to_cos, self.freq_shift = ch, flip_sin_to_cos, freq_shift
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        # (num_classes + 1) x 4ch: each class's vector, then "no class"; nn.Embedding's N(0, 1) init, as improved-
+        # diffusion's label_emb and diffusers' class_embedding have
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes is not None else None
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -220,8 +236,13 @@ class UNet(nn.Module):
                 f"choose from {sorted(sizes, reverse=True)}"
             )
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         temb = self.temb(timestep_embedding(t, self.ch, self.flip_sin_to_cos, self.freq_shift))  # (B,) -> (B, 4ch)
+        if self.label_emb is not None:
+            y = torch.full_like(t, self.num_classes) if y is None else y  # None: "no class"
+            temb = temb + self.label_emb(y)  # (B,) -> (B, 4ch)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional U-Net (model.num_classes=null)")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
