@@ -7,6 +7,9 @@ import sys
 import pytest
 import torch
 
+import re
+
+from ddpmlab.bench.contenders import CONTENDERS
 from ddpmlab.bench.measure import count_flops
 from ddpmlab.bench.peer import Peer, unet_config
 from ddpmlab.bench.report import gain, median_interval
@@ -14,6 +17,7 @@ from ddpmlab.bench.run import parse_args, peak_memory
 from ddpmlab.errors import ConfigError
 from ddpmlab.training import build_network
 from tests.conftest import compose_config
+from tests.test_data import write_mnist_like
 
 diffusers = pytest.importorskip("diffusers", reason="the benchmark extra: pip install -e .[bench]")
 
@@ -172,9 +176,38 @@ def test_stored_results_are_recomputed_from_their_raw_numbers(tmp_path):
     (["--preset", "fashion_mnist", "--", "model=nope"], "error: the overrides ['model=nope'] do not compose"),
     (["--preset", "imagenet"], "error: argument --preset: invalid choice"),
     (["--recompute", "missing.json"], "error: --recompute missing.json: not a readable results JSON"),
+    (["--time-to-quality", "--minutes", "0"], "error: --minutes=0 must be above 0"),
+    (["--time-to-quality", "--contenders", "ddpmlab,k-diffusion"], "error: --contenders names k-diffusion: choose from"),
 ])
 def test_bad_benchmark_arguments_fail_in_one_line(args, message, tmp_path):
     done = bench(tmp_path, "--out", str(tmp_path / "x.json"), *args)
     assert done.returncode == 2
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_time_to_quality_trains_every_contender_and_scores_them_alike(tmp_path):
+    """Every contender (ours, its bf16 and EDM variants, diffusers' and lucidrains' recipes) trains for the budget
+    in a process of its own on the same images, samples at no more than 50 network calls, and is scored by the same
+    two feature extractors against the same reference, KID with its standard error; the table, JSON and grids."""
+    root = tmp_path / "data"
+    write_mnist_like(root / "FashionMNIST" / "raw", n_train=64, n_test=8)
+    out = tmp_path / "ttq" / "ttq.json"
+    done = bench(tmp_path, "--time-to-quality", "--minutes", "0.05", "--samples", "20", "--contenders",
+                 ",".join(CONTENDERS), "--data-root", str(root), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert list(results["contenders"]) == list(CONTENDERS) and results["reference_images"] == 64  # all, below 2000
+    for name, r in results["contenders"].items():
+        assert r["steps"] >= 1 and r["images_seen"] >= r["steps"], name
+        calls = int(re.search(r"\((\d+) network calls\)", r["sampler"]).group(1))
+        assert 0 < calls <= 50, (name, r["sampler"])
+        for extractor in ("inception", "classifier"):
+            assert r[f"fid_{extractor}"] > 0 and r[f"kid_{extractor}_se"] > 0, (name, extractor)
+            ours = results["contenders"]["ddpmlab"][f"kid_{extractor}"]
+            assert r[f"kid_ratio_{extractor}"] == pytest.approx(r[f"kid_{extractor}"] / ours)
+    assert "bf16" in results["contenders"]["ddpmlab-bf16"]["recipe"]
+    assert results["contenders"]["ddpmlab-edm"]["sampler"].startswith("Heun")
+    table = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in CONTENDERS) and out.with_suffix(".png").stat().st_size > 0

@@ -5,6 +5,11 @@ budget on the same Fashion-MNIST training images, then sampled with at most 50 n
 
 - ddpmlab: the default run (conf/config.yaml) through `python train.py` with trainer.max_time set and
   trainer.max_steps=-1; sampled with DPM-Solver++(2M), 50 steps (evaluate.py's sampler=dpm_solver).
+  Two variants of it, not in the default set: ddpmlab-bf16 (trainer.precision=bf16-mixed: what bf16 buys in the
+  same minutes) and ddpmlab-edm (experiment=edm_fashion_mnist, EDM's recipe at the same budget, sampled with
+  EDM's Heun at 25 steps = 49 network calls), and ddpmlab-cfg (experiment=cfg_fashion_mnist: the default run
+  made class-conditional; its samples a balanced set of the 10 classes with classifier-free guidance w = 1 by
+  DPM-Solver++ at 25 steps, each a batched call of the conditional and the "no class" branch: 50 network calls).
 - diffusers: the recipe of diffusers' examples/unconditional_image_generation/train_unconditional.py, as its
   README runs it (--train_batch_size=16 --learning_rate=1e-4 --lr_warmup_steps=500 --use_ema --random_flip,
   the script's defaults for the rest: AdamW betas (0.95, 0.999), weight decay 1e-6, eps 1e-8, a cosine learning
@@ -36,7 +41,20 @@ from ddpmlab.progress import track
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLING_CALLS = 50  # network calls per image for every contender's sampler
-CONTENDERS = ("ddpmlab", "diffusers", "lucidrains")
+CONTENDERS = ("ddpmlab", "diffusers", "lucidrains", "ddpmlab-bf16", "ddpmlab-edm", "ddpmlab-cfg")
+DEFAULT_CONTENDERS = "ddpmlab,diffusers,lucidrains"
+# ddpmlab's runs: (train.py overrides, sampler, its steps, what the recipe is)
+DEFAULT_RECIPE = ("the default run (conf/config.yaml): Adam lr 1e-3, warm-up 100, EMA 0.999 with warm-up, batch 32, "
+                  "linear betas, eps prediction, L_simple")
+OURS = {"ddpmlab": ([], "dpm_solver", SAMPLING_CALLS, DEFAULT_RECIPE),
+        "ddpmlab-bf16": (["trainer.precision=bf16-mixed"], "dpm_solver", SAMPLING_CALLS,
+                         DEFAULT_RECIPE + ", bf16 autocast"),
+        "ddpmlab-edm": (["experiment=edm_fashion_mnist"], "heun", (SAMPLING_CALLS + 1) // 2,
+                        "experiment=edm_fashion_mnist: the default run's network, data and optimiser with EDM's "
+                        "preconditioning, loss and log-normal noise (Karras et al. 2022)"),
+        "ddpmlab-cfg": (["experiment=cfg_fashion_mnist"], "dpm_solver", SAMPLING_CALLS // 2,
+                        "experiment=cfg_fashion_mnist: the default run with 10 class labels, 10% dropped to 'no class'")}
+GUIDANCE = {"ddpmlab-cfg": 1.0}  # classifier-free guidance w of a conditional contender's samples
 MODULES = {"diffusers": "diffusers", "lucidrains": "denoising_diffusion_pytorch"}  # what each peer needs installed
 
 
@@ -77,38 +95,47 @@ def batches(images: torch.Tensor, batch: int, flip: bool, generator: torch.Gener
 
 
 def run_ddpmlab(job: dict) -> dict:
-    """`python train.py` (the default run) for the budget, then DPM-Solver++ 50 steps from its EMA weights."""
+    """`python train.py` (the default run, or a variant: OURS) for the budget, then its sampler from the EMA
+    weights at no more than 50 network calls."""
+    from ddpmlab.diffusion.guidance import guided, sample_labels
     from ddpmlab.diffusion.noise import ExampleNoise
-    from ddpmlab.diffusion.samplers import get_sampler
+    from ddpmlab.diffusion.samplers import get_sampler, network_calls
     from ddpmlab.evaluation import load_run
+
+    overrides, sampler_name, sampler_steps, recipe = OURS[job["name"]]
 
     out = Path(job["out"])
     seconds = int(round(job["seconds"]))
     max_time = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
     command = [sys.executable, str(ROOT / "train.py"), f"trainer.max_time={max_time}", "trainer.max_steps=-1",
                "val.num_images=0", "optimized_metric=null", "callbacks.sample_grid=null",
-               f"paths.data_dir={job['data_root']}", f"hydra.run.dir={out / 'run'}", *job.get("overrides", [])]
+               f"paths.data_dir={job['data_root']}", f"hydra.run.dir={out / 'run'}", *overrides,
+               *job.get("overrides", [])]
     done = subprocess.run(command, cwd=out, capture_output=True, text=True)
     (out / "train.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"ddpmlab's training failed (exit {done.returncode}): {done.stderr[-2000:]}")
     checkpoint = torch.load(out / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     model, diffusion, cfg = load_run(str(out / "run" / "checkpoints" / "last.ckpt"), use_ema=True)
-    sampler = get_sampler("dpm_solver")
+    sampler = get_sampler(sampler_name)
+    scale = GUIDANCE.get(job["name"])
+    calls = network_calls(sampler_name, sampler_steps, diffusion.num_timesteps) * (2 if scale else 1)
     start, parts = time.perf_counter(), []
-    for k in track(range(0, job["samples"], 100), total=math.ceil(job["samples"] / 100), desc="ddpmlab: sampling"):
+    for k in track(range(0, job["samples"], 100), total=math.ceil(job["samples"] / 100), desc=f"{job['name']}: sampling"):
         idx = range(k, min(k + 100, job["samples"]))
-        x = sampler(model, diffusion, (len(idx), 1, 28, 28), ExampleNoise(idx, 0, torch.device("cpu")),
-                    steps=SAMPLING_CALLS)
+        net = model if scale is None else guided(  # a balanced set of classes, guided
+            model, sample_labels(idx, None, model.num_classes, job["samples"]), scale)
+        x = sampler(net, diffusion, (len(idx), 1, 28, 28), ExampleNoise(idx, 0, torch.device("cpu")),
+                    steps=sampler_steps)
         parts.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
     timer = checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"]
     steps = int(checkpoint["global_step"])
     return {"samples": torch.cat(parts), "steps": steps, "images_seen": steps * cfg.data.batch_size,
             "training_seconds": timer, "sampling_seconds": time.perf_counter() - start,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "recipe": "the default run (conf/config.yaml): Adam lr 1e-3, warm-up 100, EMA 0.999 with warm-up, batch 32, "
-                      "linear betas, eps prediction, L_simple",
-            "sampler": f"DPM-Solver++(2M), {SAMPLING_CALLS} steps ({SAMPLING_CALLS} network calls)"}
+            "recipe": recipe + (f"; sampled at classifier-free guidance w = {scale:g}" if scale else ""),
+            "sampler": f"{'DPM-Solver++(2M)' if sampler_name == 'dpm_solver' else 'Heun (EDM Algorithm 1)'}, "
+                       f"{sampler_steps} steps{f', guidance w={scale:g}' if scale else ''} ({calls} network calls)"}
 
 
 def run_diffusers(job: dict) -> dict:
@@ -219,7 +246,7 @@ def run_lucidrains(job: dict) -> dict:
             "sampler": f"DDIM (eta 0), {SAMPLING_CALLS} steps ({SAMPLING_CALLS} network calls)"}
 
 
-RUN = {"ddpmlab": run_ddpmlab, "diffusers": run_diffusers, "lucidrains": run_lucidrains}
+RUN = {"diffusers": run_diffusers, "lucidrains": run_lucidrains, **{name: run_ddpmlab for name in OURS}}
 
 
 def main() -> None:

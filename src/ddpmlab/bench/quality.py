@@ -35,6 +35,10 @@ def check(args) -> list[str]:
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise ConfigError(f"--contenders names {', '.join(unknown)}: choose from {', '.join(CONTENDERS)}")
+    used = [str(args.keep_runs / n) for n in names if args.keep_runs is not None and (args.keep_runs / n).exists()]
+    if used:
+        raise ConfigError(f"--keep-runs: {', '.join(used)} already exist(s): give another --keep-runs folder, so "
+                          "that no earlier run is overwritten")
     import importlib.util
 
     missing = [f"{n} needs {MODULES[n]}" for n in names if n in MODULES and importlib.util.find_spec(MODULES[n]) is None]
@@ -64,13 +68,14 @@ def time_to_quality(args) -> dict:
     score = scorers(data_root, torch.device("cpu"))
     results = {"command": "python -m ddpmlab.bench " + " ".join(args.argv),
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "minutes": args.minutes,
-               "samples": args.samples, "reference_images": REFERENCE_IMAGES, "threads": torch.get_num_threads(),
+               "samples": args.samples, "reference_images": len(score["inception"].reference),
+               "threads": torch.get_num_threads(),
                "contenders": {}}
     samples = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            out = Path(tmp) / name
-            out.mkdir()
+            out = Path(args.keep_runs or tmp) / name  # --keep-runs: the trained runs stay, e.g. for evaluate.py
+            out.mkdir(parents=True, exist_ok=args.keep_runs is None)
             job = {"name": name, "out": str(out), "seconds": args.minutes * 60, "samples": args.samples,
                    "data_root": str(data_root), "threads": torch.get_num_threads()}
             (out / "job.json").write_text(json.dumps(job))

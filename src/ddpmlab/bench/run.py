@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
+from ddpmlab.bench.contenders import CONTENDERS, DEFAULT_CONTENDERS
 from ddpmlab.bench.loader import loader_rows, loader_table
 from ddpmlab.bench.measure import bf16_peak, count_flops, cpu_peak, describe, synchronize, timed
 from ddpmlab.bench.peer import Peer, import_diffusers
@@ -74,8 +75,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "score 500 samples of each (bench/quality.py)")
     parser.add_argument("--minutes", type=float, default=10.0, help="--time-to-quality: each contender's budget")
     parser.add_argument("--samples", type=int, default=500, help="--time-to-quality: samples scored per contender")
-    parser.add_argument("--contenders", default="ddpmlab,diffusers,lucidrains",
-                        help="--time-to-quality: which, comma-separated")
+    parser.add_argument("--contenders", default=DEFAULT_CONTENDERS,
+                        help="--time-to-quality: which, comma-separated, of " + ", ".join(CONTENDERS) +
+                             " (ddpmlab-bf16: bf16-mixed; ddpmlab-edm: experiment=edm_fashion_mnist)")
+    parser.add_argument("--keep-runs", type=Path, metavar="DIR", help="--time-to-quality: keep each contender's "
+                        "training folder under DIR/<contender>/ (ddpmlab's: run/checkpoints/last.ckpt, for evaluate.py)")
     parser.add_argument("--data-root", default=str(ROOT / "data"),
                         help="--time-to-quality: Fashion-MNIST's folder (data.root) and the FID cache")
     parser.add_argument("--weights", type=Path, metavar="CKPT", help="--precision-ab: start from this checkpoint's "
