@@ -10,12 +10,12 @@ import torch
 import re
 
 from ddpmlab.bench.contenders import CONTENDERS
-from ddpmlab.bench.measure import count_flops
+from ddpmlab.bench.measure import count_flops, cpu_peak
 from ddpmlab.bench.peer import Peer, unet_config
 from ddpmlab.bench.report import gain, median_interval
 from ddpmlab.bench.run import parse_args, peak_memory
 from ddpmlab.errors import ConfigError
-from ddpmlab.training import build_network
+from ddpmlab.training import build_network, train
 from tests.conftest import compose_config
 from tests.test_data import write_mnist_like
 
@@ -112,8 +112,14 @@ def test_the_benchmark_runs_both_sides_and_writes_its_table(tmp_path):
     preset = results["presets"]["fashion_mnist"]
     assert preset["parameters"]["ddpmlab"] == preset["parameters"]["diffusers"]
     rows = {r["metric"]: r for r in preset["rows"]}
-    assert set(rows) == {"training throughput", "training peak memory", "sampling throughput",
-                         "full sampler run (3 steps)", "sampling peak memory", "NLL throughput", "training compute"}
+    utilisation = {"training FLOP utilisation", "sampling FLOP utilisation"} if cpu_peak("32")[0] > 0 else set()
+    assert set(rows) == {"training throughput", "training peak memory", "sampling throughput", "sampling compute",
+                         "full sampler run (3 steps)", "sampling peak memory", "NLL throughput", "training compute",
+                         *utilisation}
+    if utilisation:  # both phases against the same peak (the threads used x FLOP per cycle x clock)
+        assert 0 < rows["training FLOP utilisation"]["ddpmlab"] <= 100
+        assert rows["training FLOP utilisation"]["ddpmlab"] / rows["training compute"]["ddpmlab"] == pytest.approx(
+            rows["sampling FLOP utilisation"]["ddpmlab"] / rows["sampling compute"]["ddpmlab"])
     raw = preset["raw_seconds"]
     assert len(raw["training_blocks"]["ddpmlab"]) == len(raw["training_blocks"]["diffusers"]) == 2
     for r in rows.values():
@@ -211,3 +217,27 @@ def test_time_to_quality_trains_every_contender_and_scores_them_alike(tmp_path):
     assert results["contenders"]["ddpmlab-edm"]["sampler"].startswith("Heun")
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in CONTENDERS) and out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_precision_ab_times_both_precisions_on_our_path_and_the_bounds_difference(tmp_path):
+    """--precision-ab: our real training and sampling in 32-true and bf16-mixed from the same weights, in ABBA
+    rounds, each row the paired ratio's median within its rounds; with --weights, the bound in both precisions."""
+    run = tmp_path / "run"
+    train(compose_config("trainer.max_steps=2", "data.batch_size=4", "callbacks.sample_grid=null", "val.num_images=0",
+                         "optimized_metric=null", output_dir=run))
+    out = tmp_path / "ab.json"
+    done = bench(tmp_path, "--precision-ab", "--preset", "fashion_mnist", "--batch", "2", "--rounds", "2", "--warmup",
+                 "1", "--block", "1", "--sample-steps", "2", "--weights", str(run / "checkpoints" / "last.ckpt"),
+                 "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["presets"]["fashion_mnist"]["precision"]
+    rows = {r["metric"]: r for r in result["rows"]}
+    assert set(rows) == {"training throughput", "sampling throughput"}
+    for r in rows.values():
+        assert len(r["raw_seconds"]["fp32"]) == len(r["raw_seconds"]["bf16"]) == 2
+        ratios = sorted(f / b for f, b in zip(r["raw_seconds"]["fp32"], r["raw_seconds"]["bf16"]))
+        assert ratios[0] <= r["ratio"]["median"] <= ratios[-1] and r["fp32"] > 0 and r["bf16"] > 0
+    bound = result["bound"]
+    assert 0 < bound["fp32_bpd"] < 100 and bound["max_abs_difference_bpd"] >= bound["mean_abs_difference_bpd"] >= 0
+    assert "| fashion_mnist | training throughput | images/s |" in out.with_suffix(".md").read_text()

@@ -126,6 +126,7 @@ def cpu_peak(precision: str) -> tuple[float, str]:
     without either, oneDNN converts to fp32: fp32's peak."""
     vendor, flags = cpu_flags()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(cores, torch.get_num_threads())  # the peak of the cores the measurement uses
     clock, clock_from = cpu_clock_hz()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     units = 1 if vendor == "AuthenticAMD" and lanes == 16 else 2
@@ -139,7 +140,7 @@ def cpu_peak(precision: str) -> tuple[float, str]:
             per_cycle, how = 2 * fp32, f"bf16: AVX512_BF16 dot products, 2 x fp32's {fp32} FLOP/cycle"
         else:
             how = f"bf16 emulated in fp32 by oneDNN: {how}"
-    assumption = (f"{cores} cores x {per_cycle} FLOP/cycle ({how}) x {clock / 1e9:.2f} GHz ({clock_from}); "
+    assumption = (f"{cores} core(s) in use x {per_cycle} FLOP/cycle ({how}) x {clock / 1e9:.2f} GHz ({clock_from}); "
                   f"{vendor or 'unknown vendor'}")
     return cores * per_cycle * clock, assumption
 
