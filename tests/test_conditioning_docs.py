@@ -13,20 +13,28 @@ from PIL import Image
 from ddpmlab.training import train
 from tests.conftest import ROOT, compose_config
 from tests.test_data import write_mnist_like
-from tests.test_readme_commands import SHARED_STEPS, TRAIN_SHRINK, Shared, _composed_only, _parse, _run, argv
+from tests.test_readme_commands import (SHARED_STEPS, TRAIN_SHRINK, Shared, _composed_only, _parse, _run, argv,
+                                        readme_commands)
 
 pytestmark = pytest.mark.slow
 PAGE = ROOT / "docs" / "conditioning.md"
 
 
 def page_commands():
+    """The page's commands, each once; a train.py line the README's test runs already (the same process: the shared
+    checkpoint matters only to evaluate.py) is left to it."""
     lines, in_block = [], False
     for number, text in enumerate(PAGE.read_text().splitlines(), 1):
         if text.lstrip().startswith("```"):
             in_block = not in_block
         elif in_block:
             lines.append((number, text))
-    return _parse(lines, PAGE.name)
+    elsewhere = {(c.line, c.exit_code, c.needs) for c in readme_commands() if c.line.startswith("python train.py")}
+    unique = {}
+    for command in _parse(lines, PAGE.name):
+        if (command.line, command.exit_code, command.needs) not in elsewhere:
+            unique.setdefault((command.line, command.exit_code, command.needs), command)
+    return list(unique.values())
 
 
 COMMANDS = page_commands()
@@ -62,7 +70,7 @@ def results(tmp_path_factory):
 
 def test_the_page_shows_train_evaluate_and_refused_commands():
     lines = [c.line for c in COMMANDS]
-    assert any(line.startswith("python train.py experiment=cfg_fashion_mnist") for line in lines)
+    assert any(line.startswith("python train.py experiment=cfg_fashion_mnist") for line in lines)  # with overrides
     assert any("guidance_scale=[0,0.5,1,2,4]" in line for line in lines) and any(c.exit_code == 2 for c in COMMANDS)
 
 

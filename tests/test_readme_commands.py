@@ -14,7 +14,8 @@ The README's comment after a command can say two things:
 Shrinking: arguments are appended after the README's own (Hydra and argparse keep the last value), and a
 placeholder (`ckpt=...`, `<run>`, `PATH`) gets a file made once per session:
   train.py      experiment=smoke unless the line picks an experiment (then that one runs), trainer.max_steps=2
-                (4 when resuming the shared 2-step checkpoint), data.batch_size=4, callbacks.sample_grid=null;
+                (4 when resuming the shared 2-step checkpoint), data.batch_size=4, callbacks.sample_grid=null,
+                val/bpd on 8 test images from 2 KL terms (an experiment's own 256 x 11 network calls took a minute);
                 a search (hparams_search=) 2 trials; hydra.run.dir, hydra.sweep.dir and paths.log_dir in the
                 command's own folder, where `ckpt_path=last` finds a copy of the shared run.
   evaluate.py   the shared smoke checkpoint, data_root = a Fashion-MNIST-format folder of 256 train / 16 test
@@ -30,7 +31,8 @@ placeholder (`ckpt=...`, `<run>`, `PATH`) gets a file made once per session:
   make eval     the same, with evaluate.py's shrinking in ARGS; its `ckpt=last` finds a copy of the shared run as
                 the newest run of task `train` under paths.log_dir.
   make X        any other target only as `make -n` (a dry run: `make clean` would delete the environment).
-The commands run two at a time (one per core of the CI machine), each in its own folder.
+The commands run two at a time (one per core of the CI machine), each in its own folder; evaluate.py's in two
+lanes with a data root each (their caches), the rest shared between the lanes.
 """
 
 import json
@@ -40,6 +42,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +62,7 @@ NEEDS = re.compile(r"needs: ([\w-]+(?:, *[\w-]+)*)")
 EXIT = re.compile(r"\bexit (\d+)\b")
 PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|^[A-Z][A-Z_]+$")
 
-TRAIN_SHRINK = ["data.batch_size=4", "callbacks.sample_grid=null"]
+TRAIN_SHRINK = ["data.batch_size=4", "callbacks.sample_grid=null", "val.num_images=8", "val.timesteps=2"]
 SHARED_STEPS = 2  # the shared checkpoint's steps; a resume trains 2 more
 EVAL_SHRINK = ["num_samples=6", "reference_images=16", "nll.num_images=2", "nll_estimate.num_images=4",
                "nll_estimate.timesteps=2", "nll_ode.num_images=2"]
@@ -236,31 +239,56 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+EVALUATES = ("python evaluate.py", "python -m ddpmlab.models", "make eval")
+
+
 @pytest.fixture(scope="session")
 def started(request, shared: Shared, tmp_path_factory):
-    """The selected commands, started at once, two at a time (one per core). evaluate.py and the classifier share
-    the small data root's caches, so they run one after another, as one job of the two; the rest fill both."""
+    """The selected commands, started at once, two at a time (one per core), in two lanes. evaluate.py and the
+    classifier write caches under their data root (the classifier, the Inception conversion, reference features),
+    so each lane has a data root of its own and runs its half of them one after another, then takes the other
+    commands from a common queue."""
     selected = [item.callspec.params["command"] for item in request.session.items
                 if getattr(item, "originalname", None) == "test_readme_command"]
+    lanes = []
+    for lane in range(2):
+        data = tmp_path_factory.mktemp(f"lane{lane}") / "data"
+        shutil.copytree(shared.data, data)
+        lanes.append(Shared(shared.run, data, shared.images))
+    runnable = [c for c in selected if not c.needs or _composed_only(c)]
+    evaluations = [c for c in runnable if c.line.startswith(EVALUATES)]
+    chains = [evaluations[lane::2] for lane in range(2)]
     jobs = {}
-    for command in selected:
-        if not command.needs or _composed_only(command):
-            tmp = tmp_path_factory.mktemp("command")
-            jobs[command] = (argv(command, tmp, shared), tmp)
-    chain = {c: Future() for c in jobs if c.line.startswith(("python evaluate.py", "python -m ddpmlab.models",
-                                                               "make eval"))}
+    for command in runnable:
+        lane = next((i for i, chain in enumerate(chains) if command in chain), 0)
+        tmp = tmp_path_factory.mktemp("command")
+        jobs[command] = (argv(command, tmp, lanes[lane]), tmp)
+    futures = {c: Future() for c in jobs}
+    others = [c for c in jobs if c not in evaluations]
+    lock = threading.Lock()
 
-    def run_chain():
-        for command, future in chain.items():
-            try:
-                future.set_result(_run(*jobs[command]))
-            except Exception as err:  # a timeout: its test reports it
-                future.set_exception(err)
+    def run(command):
+        try:
+            futures[command].set_result(_run(*jobs[command]))
+        except Exception as err:  # a timeout: its test reports it
+            futures[command].set_exception(err)
+
+    def lane_worker(chain):
+        for command in chain:
+            run(command)
+        while True:
+            with lock:
+                if not others:
+                    return
+                command = others.pop(0)
+            run(command)
 
     pool = ThreadPoolExecutor(2)
-    pool.submit(run_chain)
-    futures = {c: (args, chain.get(c) or pool.submit(_run, args, tmp)) for c, (args, tmp) in jobs.items()}
-    yield futures
+    for chain in chains:
+        pool.submit(lane_worker, chain)
+    yield {c: (args, futures[c]) for c, (args, tmp) in jobs.items()}
+    with lock:
+        others.clear()
     pool.shutdown(cancel_futures=True)
 
 

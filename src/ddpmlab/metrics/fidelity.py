@@ -1,7 +1,8 @@
 """FID, IS and KID through torch-fidelity, with Inception or the project's domain classifier as features.
 
-torch-fidelity computes every number; this module feeds its extractor uint8 images batch by batch under our
-progress bars, registers the domain classifier as a torch-fidelity feature extractor, and caches the reference
+torch-fidelity computes IS and KID; FID is ddpmlab.metrics.frechet's (torch-fidelity's value to 1e-7 relative,
+without a general 2048 x 2048 eigenvalue problem per number, and exact for sets smaller than the feature
+dimension). This module feeds the extractor uint8 images batch by batch under our progress bars, registers the domain classifier as a torch-fidelity feature extractor, and caches the reference
 split's features (torch-fidelity's cache) under a name that hashes everything they depend on: the second
 evaluation reuses them, and another input or extractor never can.
 """
@@ -15,7 +16,6 @@ import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
@@ -23,6 +23,7 @@ from torch_fidelity.utils import cache_lookup_group_recompute_all_on_any_miss, c
 
 from ddpmlab.data import ImageTensorDataset, to_model_range
 from ddpmlab.errors import ConfigError
+from ddpmlab.metrics.frechet import frechet_distance
 from ddpmlab.metrics.inception import inception_logits_available
 from ddpmlab.models.classifier import Classifier, load_classifier
 from ddpmlab.progress import track
@@ -150,7 +151,7 @@ class FidelityMetrics:
     reference_name: what the reference is (dataset and split), the readable start of its features' cache name.
     reference_labels: the reference images' classes, for a class-conditional model's per-class rows.
     Features are extracted here, batch by batch under a progress bar (torch-fidelity's own loop prints to stderr
-    only); torch-fidelity computes every number from them and caches the reference's.
+    only); FID is frechet_distance of them, IS and KID torch-fidelity's, and the reference's are cached.
     """
 
     def __init__(self, metrics: list[str], extractor: str, weights: str | None, reference: Tensor, reference_name: str,
@@ -240,15 +241,14 @@ class FidelityMetrics:
         return rows
 
     def _metric_rows(self, ours: dict, theirs: dict | None, metrics: list[str]) -> list[dict]:
-        """FID/IS/KID rows of the generated features `ours` against the reference's `theirs` (torch-fidelity)."""
+        """FID/IS/KID rows of the generated features `ours` against the reference's `theirs` (FID: frechet_distance)."""
         rows = []
         n_ours = len(next(iter(ours.values())))
         n_theirs = len(next(iter(theirs.values()))) if theirs else 0
         for metric in metrics:
             layer = self.layers[metric]
             if metric == "fid":
-                stats = [fid_featuresdict_to_statistics(f, layer) for f in (ours, theirs)]
-                value, std = fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID], None
+                value, std = frechet_distance(ours[layer], theirs[layer]), None
             elif metric == "is":
                 out = isc_featuresdict_to_metric(ours, layer, isc_splits=min(10, n_ours), verbose=False)
                 value, std = out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
