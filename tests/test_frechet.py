@@ -14,7 +14,8 @@ DIM = 48
 def features(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     mixing = rng.standard_normal((DIM, DIM)) / np.sqrt(DIM)
-    return torch.from_numpy((rng.standard_normal((n, DIM)) @ mixing * scale + rng.standard_normal(DIM)).astype(np.float32))
+    drawn = rng.standard_normal((n, DIM)) @ mixing * scale + rng.standard_normal(DIM)
+    return torch.from_numpy(drawn.astype(np.float32))
 
 
 def torch_fidelity_fid(a: torch.Tensor, b: torch.Tensor) -> float:

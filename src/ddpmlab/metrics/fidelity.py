@@ -2,9 +2,10 @@
 
 torch-fidelity computes IS and KID; FID is ddpmlab.metrics.frechet's (torch-fidelity's value to 1e-7 relative,
 without a general 2048 x 2048 eigenvalue problem per number, and exact for sets smaller than the feature
-dimension). This module feeds the extractor uint8 images batch by batch under our progress bars, registers the domain classifier as a torch-fidelity feature extractor, and caches the reference
-split's features (torch-fidelity's cache) under a name that hashes everything they depend on: the second
-evaluation reuses them, and another input or extractor never can.
+dimension). This module feeds the extractor uint8 images batch by batch under our progress bars, registers the
+domain classifier as a torch-fidelity feature extractor, and caches the reference split's features
+(torch-fidelity's cache) under a name that hashes everything they depend on: the second evaluation reuses them,
+and another input or extractor never can.
 """
 
 import hashlib
