@@ -1,3 +1,3 @@
-from ddpmlab.bench.run import cli
+from ddpmlab.bench.cli import cli
 
 cli()
