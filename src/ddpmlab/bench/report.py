@@ -68,7 +68,10 @@ def add_gains(result: dict) -> list[str]:
 
 
 def table(results: dict) -> str:
-    """The results as a Markdown table, one row per metric, the gain with its interval and verdict, then notes."""
+    """The results as a Markdown table, one row per metric, the gain with its interval and verdict, then notes; empty
+    for a run that timed no peer (--precision-ab, --loader-only)."""
+    if not any(result["rows"] for result in results["presets"].values()):
+        return ""
     lines = ["| preset | metric | unit | ddpmlab | diffusers | better | ddpmlab's gain (higher is better) | "
              "interval | verdict |", "|---|---|---|---:|---:|---|---:|---|---|"]
     notes = {}
