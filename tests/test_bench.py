@@ -194,7 +194,7 @@ def test_bad_benchmark_arguments_fail_in_one_line(args, message, tmp_path):
 
 @pytest.mark.slow
 def test_time_to_quality_trains_every_contender_and_scores_them_alike(tmp_path):
-    """Every contender (ours, its bf16 and EDM variants, diffusers' and lucidrains' recipes) trains for the budget
+    """Every contender (ours, its fp32, bf16 and EDM variants, diffusers' and lucidrains' recipes) trains for the budget
     in a process of its own on the same images, samples at no more than 50 network calls, and is scored by the same
     two feature extractors against the same reference, KID with its standard error; the table, JSON and grids."""
     root = tmp_path / "data"
@@ -214,6 +214,7 @@ def test_time_to_quality_trains_every_contender_and_scores_them_alike(tmp_path):
             ours = results["contenders"]["ddpmlab"][f"kid_{extractor}"]
             assert r[f"kid_ratio_{extractor}"] == pytest.approx(r[f"kid_{extractor}"] / ours)
     assert "bf16" in results["contenders"]["ddpmlab-bf16"]["recipe"]
+    assert "fp32" in results["contenders"]["ddpmlab-fp32"]["recipe"]
     assert results["contenders"]["ddpmlab-edm"]["sampler"].startswith("Heun")
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in CONTENDERS) and out.with_suffix(".png").stat().st_size > 0

@@ -62,7 +62,7 @@ def test_the_presets_fit_this_machine():
 
 
 def test_half_precision_and_compile_lower_the_bound():
-    _, per_param, per_image = memory.step_bytes(compose_config("experiment=ddpm_cifar10"))
+    _, per_param, per_image = memory.step_bytes(compose_config("experiment=ddpm_cifar10", "trainer.precision=32-true"))
     _, half_param, half_image = memory.step_bytes(compose_config("experiment=ddpm_cifar10", "trainer.precision=bf16-mixed",
                                                                  "performance.compile=true"))
     assert (half_param, half_image) == (per_param // 2, per_image // 4)

@@ -56,9 +56,9 @@ def cpu_bf16() -> str:
 
 
 def resolved_precision(precision, on_gpu: bool) -> str:
-    """`trainer.precision` as Lightning takes it: `auto` is bf16-mixed on a CPU with native bf16 (cpu_bf16), where
-    it trains faster at the same quality (benchmarks/README.md, "bf16 on the CPU"), and 32-true elsewhere (GPUs
-    included: their bf16 runs are not measured here); any other value is itself."""
+    """`trainer.precision` as Lightning takes it: `auto` (the default) is bf16-mixed on a CPU with native bf16
+    (cpu_bf16), where it trains faster at the same quality (docs/benchmarks.md, "bf16 on a CPU that has it"), and
+    32-true elsewhere (GPUs included: their bf16 runs are not measured here); any other value is itself."""
     if str(precision) != "auto":
         return precision
     return "bf16-mixed" if not on_gpu and cpu_bf16() == "native" else "32-true"

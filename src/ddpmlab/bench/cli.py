@@ -49,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=500, help="--time-to-quality: samples scored per contender")
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                         help="--time-to-quality: which, comma-separated, of " + ", ".join(CONTENDERS) +
-                             " (ddpmlab-bf16: bf16-mixed; ddpmlab-edm: experiment=edm_fashion_mnist)")
+                             " (ddpmlab-fp32, ddpmlab-bf16: that precision; ddpmlab-edm: experiment=edm_fashion_mnist)")
     parser.add_argument("--keep-runs", type=Path, metavar="DIR",
                         help="--time-to-quality: keep each contender's training folder under DIR/<contender>/ "
                              "(ddpmlab's: run/checkpoints/last.ckpt, for evaluate.py)")

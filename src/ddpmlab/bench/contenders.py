@@ -1,15 +1,17 @@
-"""The three contenders of the time-to-quality benchmark, each trained in a process of its own for a wall-clock
-budget on the same Fashion-MNIST training images, then sampled with at most 50 network calls per image.
+"""The contenders of the time-to-quality benchmark (three by default), each trained in a process of its own for a
+wall-clock budget on the same Fashion-MNIST training images, then sampled with at most 50 network calls per image.
 
     python -m ddpmlab.bench.contenders JOB.json    (run by ddpmlab.bench.quality; writes JOB's out folder)
 
 - ddpmlab: the default run (conf/config.yaml) through `python train.py` with trainer.max_time set and
-  trainer.max_steps=-1; sampled with DPM-Solver++(2M), 50 steps (evaluate.py's sampler=dpm_solver).
-  Two variants of it, not in the default set: ddpmlab-bf16 (trainer.precision=bf16-mixed: what bf16 buys in the
-  same minutes) and ddpmlab-edm (experiment=edm_fashion_mnist, EDM's recipe at the same budget, sampled with
-  EDM's Heun at 25 steps = 49 network calls), and ddpmlab-cfg (experiment=cfg_fashion_mnist: the default run
-  made class-conditional; its samples a balanced set of the 10 classes with classifier-free guidance w = 1 by
-  DPM-Solver++ at 25 steps, each a batched call of the conditional and the "no class" branch: 50 network calls).
+  trainer.max_steps=-1, in its default precision (auto: bf16-mixed on a CPU with native bf16, else fp32); sampled
+  with DPM-Solver++(2M), 50 steps (evaluate.py's sampler=dpm_solver).
+  Variants of it, not in the default set: ddpmlab-fp32 and ddpmlab-bf16 (trainer.precision=32-true or bf16-mixed:
+  what each precision buys in the same minutes), ddpmlab-edm (experiment=edm_fashion_mnist, EDM's recipe at the
+  same budget, sampled with EDM's Heun at 25 steps = 49 network calls), and ddpmlab-cfg
+  (experiment=cfg_fashion_mnist: the default run made class-conditional; its samples a balanced set of the 10
+  classes with classifier-free guidance w = 1 by DPM-Solver++ at 25 steps, each a batched call of the conditional
+  and the "no class" branch: 50 network calls).
 - diffusers: the recipe of diffusers' examples/unconditional_image_generation/train_unconditional.py, as its
   README runs it (--train_batch_size=16 --learning_rate=1e-4 --lr_warmup_steps=500 --use_ema --random_flip,
   the script's defaults for the rest: AdamW betas (0.95, 0.999), weight decay 1e-6, eps 1e-8, a cosine learning
@@ -41,12 +43,15 @@ from ddpmlab.progress import track
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLING_CALLS = 50  # network calls per image for every contender's sampler
-CONTENDERS = ("ddpmlab", "diffusers", "lucidrains", "ddpmlab-bf16", "ddpmlab-edm", "ddpmlab-cfg")
+CONTENDERS = ("ddpmlab", "diffusers", "lucidrains", "ddpmlab-fp32", "ddpmlab-bf16", "ddpmlab-edm",
+              "ddpmlab-cfg")
 DEFAULT_CONTENDERS = "ddpmlab,diffusers,lucidrains"
 # ddpmlab's runs: (train.py overrides, sampler, its steps, what the recipe is)
 DEFAULT_RECIPE = ("the default run (conf/config.yaml): Adam lr 1e-3, warm-up 100, EMA 0.999 with warm-up, batch 32, "
                   "linear betas, eps prediction, L_simple")
-OURS = {"ddpmlab": ([], "dpm_solver", SAMPLING_CALLS, DEFAULT_RECIPE),
+OURS = {"ddpmlab": ([], "dpm_solver", SAMPLING_CALLS,
+                    DEFAULT_RECIPE + ", trainer.precision=auto (bf16-mixed on a CPU with native bf16)"),
+        "ddpmlab-fp32": (["trainer.precision=32-true"], "dpm_solver", SAMPLING_CALLS, DEFAULT_RECIPE + ", fp32"),
         "ddpmlab-bf16": (["trainer.precision=bf16-mixed"], "dpm_solver", SAMPLING_CALLS,
                          DEFAULT_RECIPE + ", bf16 autocast"),
         "ddpmlab-edm": (["experiment=edm_fashion_mnist"], "heun", (SAMPLING_CALLS + 1) // 2,
