@@ -9,6 +9,7 @@ from ddpmlab.data import DiffusionDataModule
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.edm import EDMDiffusion
 from ddpmlab.models import UNet
+from ddpmlab.performance import resolved_precision, uses_gpu
 from ddpmlab.training import build_module, build_network
 from tests.conftest import ROOT, compose_config
 
@@ -45,7 +46,9 @@ def test_every_option_composes_and_instantiates(override, tmp_path):
         assert diffusion.num_timesteps == cfg.schedule.timesteps
     for callback in cfg.callbacks.values():
         instantiate(callback)
-    instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    # trainer.precision=auto is resolved before the Trainer is built, as train() does (Lightning has no "auto")
+    instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
+                precision=resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer)))
     module = build_module(cfg)
     assert module.config["seed"] == cfg.seed
     assert module.timestep_sampler.num_timesteps == diffusion.num_timesteps
@@ -114,6 +117,7 @@ def test_overrides_reach_the_objects(tmp_path):
     cfg = compose_config("model=unet", "schedule=cosine", "data.batch_size=7", "seed=3", "trainer.max_steps=11",
                          "schedule.timesteps=400", output_dir=tmp_path)
     assert instantiate(cfg.data).batch_size == 7 and cfg.seed == 3
-    assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False).max_steps == 11
+    assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
+                       precision=resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer))).max_steps == 11
     diffusion = instantiate(cfg.diffusion)
     assert diffusion.num_timesteps == 400 and diffusion.betas.max().item() > 0.5  # cosine clips its last betas
