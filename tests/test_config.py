@@ -9,7 +9,7 @@ from ddpmlab.data import DiffusionDataModule
 from ddpmlab.diffusion import GaussianDiffusion
 from ddpmlab.diffusion.edm import EDMDiffusion
 from ddpmlab.models import UNet
-from ddpmlab.performance import resolved_precision, uses_gpu
+from ddpmlab.performance import trainer_precision
 from ddpmlab.training import build_module, build_network
 from tests.conftest import ROOT, compose_config
 
@@ -48,7 +48,7 @@ def test_every_option_composes_and_instantiates(override, tmp_path):
         instantiate(callback)
     # trainer.precision=auto is resolved before the Trainer is built, as train() does (Lightning has no "auto")
     instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
-                precision=resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer)))
+                precision=trainer_precision(cfg.trainer))
     module = build_module(cfg)
     assert module.config["seed"] == cfg.seed
     assert module.timestep_sampler.num_timesteps == diffusion.num_timesteps
@@ -118,6 +118,6 @@ def test_overrides_reach_the_objects(tmp_path):
                          "schedule.timesteps=400", output_dir=tmp_path)
     assert instantiate(cfg.data).batch_size == 7 and cfg.seed == 3
     assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
-                       precision=resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer))).max_steps == 11
+                       precision=trainer_precision(cfg.trainer)).max_steps == 11
     diffusion = instantiate(cfg.diffusion)
     assert diffusion.num_timesteps == 400 and diffusion.betas.max().item() > 0.5  # cosine clips its last betas

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import ConfigError
-from ddpmlab.performance import resolved_precision
+from ddpmlab.performance import trainer_precision
 from ddpmlab.training import train
 from tests.conftest import ROOT, compose_config
 
@@ -42,7 +42,7 @@ def test_slurm_ddp_asks_for_n_nodes_of_g_gpus_with_a_task_each_and_lightning_rea
     for key in ("MASTER_ADDR", "MASTER_PORT"):  # absent, as under srun; Lightning writes both into os.environ
         monkeypatch.delenv(key, raising=False)
     trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False,
-                          precision=resolved_precision(cfg.trainer.precision, on_gpu=False))
+                          precision=trainer_precision(cfg.trainer))
     assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (4, 8, 32)
     assert (trainer.global_rank, trainer.node_rank, trainer.local_rank) == (13, 1, 5)
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch.overrides import TorchFunctionMode
 
 from ddpmlab.errors import ConfigError
-from ddpmlab.performance import resolved_precision, uses_gpu
+from ddpmlab.performance import trainer_precision
 
 GiB = 2**30
 
@@ -74,7 +74,7 @@ def step_bytes(cfg: DictConfig) -> tuple[int, int, int]:
     saved = _SavedForBackward(model.parameters())
     with saved, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         model(x_t, t)
-    half = "16" in str(resolved_precision(cfg.trainer.get("precision", "32-true"), uses_gpu(cfg.trainer)))
+    half = "16" in str(trainer_precision(cfg.trainer))
     compiled = bool((cfg.get("performance") or {}).get("compile", False))
     per_param = 8 if half else 16
     per_image = saved.bytes() // (2 if half else 1) // (2 if compiled else 1)

@@ -62,3 +62,9 @@ def resolved_precision(precision, on_gpu: bool) -> str:
     if str(precision) != "auto":
         return precision
     return "bf16-mixed" if not on_gpu and cpu_bf16() == "native" else "32-true"
+
+
+def trainer_precision(trainer) -> str:
+    """The precision the config block `trainer` trains in on this machine (resolved_precision of its `precision`,
+    32-true when unset): what Lightning's Trainer is built with, since Lightning has no `auto`."""
+    return resolved_precision(trainer.get("precision", "32-true"), uses_gpu(trainer))

@@ -15,7 +15,7 @@ from ddpmlab.data import NO_HELD_OUT
 from ddpmlab.errors import ConfigError
 from ddpmlab.loggers import finish_wandb
 from ddpmlab.module import EVERY_STEP, METRICS, DiffusionModule
-from ddpmlab.performance import optimize_network, performance_settings, resolved_precision, uses_gpu
+from ddpmlab.performance import optimize_network, performance_settings, trainer_precision, uses_gpu
 from ddpmlab.resume import ApplyOptimChanges, start
 from ddpmlab.schema import DATASET_SIZES, check_batch_fits
 
@@ -134,7 +134,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_optimized_metric(cfg)
     with open_dict(cfg):  # trainer.precision=auto: what this machine runs best; stored so in every checkpoint
-        cfg.trainer.precision = resolved_precision(cfg.trainer.precision, uses_gpu(cfg.trainer))
+        cfg.trainer.precision = trainer_precision(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, num_classes=cfg.model.get("num_classes"))  # labels only for a conditional model
     module, begin = start(cfg, build_module)  # where the run goes and what it continues: ddpmlab.resume
