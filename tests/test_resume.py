@@ -11,7 +11,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import ConfigError
@@ -141,3 +141,29 @@ def test_init_from_starts_a_new_run_from_the_weights_with_other_settings(last, t
     after = load_checkpoint(tmp_path / "new" / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 2 and after["config"]["diffusion"]["prediction"] == "v"
     assert after["optimizer_states"][0]["state"][0]["step"] == 2  # Adam's moments started afresh
+
+
+def test_a_resume_in_another_precision_says_so_in_one_note(tmp_path):
+    """A checkpoint trained in 32-true resumed in bf16-mixed (what `auto` now means on a CPU with native bf16) is
+    let through with one note naming both and the override that keeps fp32; Lightning's short names and an `auto`
+    that resolves to the checkpoint's own precision on this machine are the same precision: no note."""
+    from ddpmlab.performance import trainer_precision
+    from ddpmlab.resume import check_resume
+
+    cfg = compose_config("experiment=smoke", output_dir=tmp_path)
+    stored = OmegaConf.to_container(cfg, resolve=True)
+
+    def resumed(before, after):
+        old = {**stored, "trainer": {**stored["trainer"], "precision": before}}
+        new = {**stored, "trainer": {**stored["trainer"], "precision": after}}
+        return check_resume(old, new, cfg, "last.ckpt")
+
+    changed, notes = resumed("32-true", "bf16-mixed")
+    assert changed == [] and len(notes) == 1, notes
+    assert "in bf16-mixed" in notes[0] and "trained in 32-true" in notes[0]
+    assert "trainer.precision=32-true keeps it" in notes[0]
+    assert resumed(32, "32-true") == resumed("bf16", "bf16-mixed") == ([], [])
+    auto = trainer_precision({**stored["trainer"], "precision": "auto"})
+    assert resumed(auto, "auto") == ([], [])
+    other = "32-true" if auto == "bf16-mixed" else "bf16-mixed"
+    assert len(resumed(other, "auto")[1]) == 1

@@ -20,6 +20,7 @@ from torch import nn
 
 from ddpmlab.checkpoints import load_checkpoint
 from ddpmlab.errors import ConfigError
+from ddpmlab.performance import trainer_precision
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,28 @@ def check_resume(stored: dict | None, config: dict, cfg: DictConfig, path) -> tu
     if inexact:
         notes.append(f"resuming {path} with {', '.join(inexact)}: the batches from here on are not those of the "
                      "uninterrupted run, so exact resume no longer holds")
+    precisions = _precisions(old, new)
+    if precisions:
+        notes.append(f"resuming {path} in {precisions[1]}: its steps so far were trained in {precisions[0]}, so the "
+                     f"steps from here on are rounded differently; trainer.precision={precisions[0]} keeps it")
     return let_through, notes
+
+
+def _precisions(old: dict, new: dict) -> tuple[str, str] | None:
+    """(the precision the checkpoint's steps were trained in, the one this resume trains in), each as this machine
+    resolves it (performance.trainer_precision: `auto` is bf16-mixed on a CPU with native bf16), where the two
+    differ; None when they agree or the checkpoint does not record one. A run trained in 32-true before `auto`
+    became the default resumes in bf16-mixed on such a CPU unless told otherwise: the log says so."""
+    if "trainer.precision" not in old:
+        return None
+    pair = tuple(trainer_precision({"precision": leaves["trainer.precision"],
+                                    "accelerator": leaves.get("trainer.accelerator", "auto")}) for leaves in (old, new))
+    pair = tuple(ALIASES.get(str(precision), str(precision)) for precision in pair)
+    return pair if pair[0] != pair[1] else None
+
+
+# Lightning's short names of its precisions (trainer.precision=32 is 32-true).
+ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 # Module state that an allowed change of its config starts afresh instead of loading (the importance sampler's
