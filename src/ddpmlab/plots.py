@@ -163,7 +163,7 @@ def plot_image_grid(images: "torch.Tensor", row_labels: list[str], column_labels
         side.set_visible(False)
     ax.set_title(textwrap.fill(title, int(size[0] * 13)), fontsize=8, pad=28)  # ~13 characters an inch at 8 pt
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the title above rotated column labels: tight_layout clipped it
     plt.close(fig)
 
 

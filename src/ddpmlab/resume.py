@@ -107,7 +107,7 @@ def _precisions(old: dict, new: dict) -> tuple[str, str] | None:
     became the default resumes in bf16-mixed on such a CPU unless told otherwise: the log says so."""
     if "trainer.precision" not in old:
         return None
-    pair = tuple(trainer_precision({"precision": leaves["trainer.precision"],
+    pair = tuple(trainer_precision({"precision": leaves.get("trainer.precision", "32-true"),
                                     "accelerator": leaves.get("trainer.accelerator", "auto")}) for leaves in (old, new))
     pair = tuple(ALIASES.get(str(precision), str(precision)) for precision in pair)
     return pair if pair[0] != pair[1] else None
