@@ -26,7 +26,8 @@ wall-clock budget on the same Fashion-MNIST training images, then sampled with a
   gradient_accumulate_every=2, ema_decay=0.995), whose loop is: two accumulated half-losses, clipping at 1,
   Adam betas (0.9, 0.99), EMA every 10 steps, horizontal flips), run as that loop for the budget (its Trainer
   has no time limit), sized for a CPU and our images: dim 24, dim_mults (1, 2, 4) (28 -> 14 -> 7), 1.52M
-  parameters. Sampled as its README samples, with sampling_timesteps=50 (DDIM, eta 0).
+  parameters, in fp32 (the README's amp=True is fp16 autocast, a GPU's). Sampled with its DDIM (eta 0), as the
+  README samples, at sampling_timesteps=50, the shared budget, instead of the README's 250.
 """
 
 import json
