@@ -218,3 +218,19 @@ def test_precision_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_elsewhere(tmp
                          "val.num_images=0", "optimized_metric=null", "trainer.accelerator=cpu", output_dir=tmp_path)
     train(cfg)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["config"]["trainer"]["precision"] == expected
+
+
+def test_lightnings_short_precision_names_resolve_to_its_full_ones_and_fp16_is_refused_on_a_cpu():
+    """trainer.precision=16 is Lightning's 16-mixed: refused on a CPU in one line like the full name, not let
+    through because its spelling differs; every short name resolves to the name Lightning's Trainer reports."""
+    from omegaconf import OmegaConf
+
+    from ddpmlab.errors import ConfigError
+    from ddpmlab.performance import resolved_precision
+    from ddpmlab.schema import check_machine
+
+    assert [resolved_precision(p, on_gpu=False) for p in (64, 32, 16, "64", "32", "16", "bf16")] == [
+        "64-true", "32-true", "16-mixed", "64-true", "32-true", "16-mixed", "bf16-mixed"]
+    for precision in (16, "16", "16-mixed"):
+        with pytest.raises(ConfigError, match="fp16 mixed precision needs a GPU"):
+            check_machine(OmegaConf.create({"accelerator": "cpu", "devices": 1, "precision": precision}))

@@ -55,12 +55,17 @@ def cpu_bf16() -> str:
     return "emulated" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
 
 
+# Lightning's short names of its precisions (trainer.precision=32 is 32-true), as its Trainer reports them.
+PRECISION_NAMES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
 def resolved_precision(precision, on_gpu: bool) -> str:
-    """`trainer.precision` as Lightning takes it: `auto` (the default) is bf16-mixed on a CPU with native bf16
-    (cpu_bf16), where it trains faster at the same quality (docs/benchmarks.md, "bf16 on a CPU that has it"), and
-    32-true elsewhere (GPUs included: their bf16 runs are not measured here); any other value is itself."""
+    """`trainer.precision` as Lightning takes it, under Lightning's full name (PRECISION_NAMES): `auto` (the
+    default) is bf16-mixed on a CPU with native bf16 (cpu_bf16), where it trains faster at the same quality
+    (docs/benchmarks.md, "bf16 on a CPU that has it"), and 32-true elsewhere (GPUs included: their bf16 runs are
+    not measured here); any other value is itself."""
     if str(precision) != "auto":
-        return precision
+        return PRECISION_NAMES.get(str(precision), str(precision))
     return "bf16-mixed" if not on_gpu and cpu_bf16() == "native" else "32-true"
 
 

@@ -109,12 +109,7 @@ def _precisions(old: dict, new: dict) -> tuple[str, str] | None:
         return None
     pair = tuple(trainer_precision({"precision": leaves.get("trainer.precision", "32-true"),
                                     "accelerator": leaves.get("trainer.accelerator", "auto")}) for leaves in (old, new))
-    pair = tuple(ALIASES.get(str(precision), str(precision)) for precision in pair)
     return pair if pair[0] != pair[1] else None
-
-
-# Lightning's short names of its precisions (trainer.precision=32 is 32-true).
-ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 # Module state that an allowed change of its config starts afresh instead of loading (the importance sampler's

@@ -639,8 +639,8 @@ def check_machine(trainer: DictConfig, key: str = "trainer") -> None:
         what = f"{available} GPU(s)" if on_gpu else f"{available} CPU core(s)"
         raise problem(f"{key}.devices", devices, f"at most the {what} this machine has",
                       f"set {key}.devices={available} or fewer")
-    precision = str(resolved_precision(trainer.get("precision", "32-true"), on_gpu))
-    if precision in ("16-mixed", "16") and not on_gpu:
+    precision = resolved_precision(trainer.get("precision", "32-true"), on_gpu)
+    if precision == "16-mixed" and not on_gpu:
         raise problem(f"{key}.precision", trainer.precision, "a precision the CPU runs (fp16 mixed precision needs "
                       "a GPU)", f"set {key}.precision=bf16-mixed or 32-true")
     if precision.startswith("bf16"):
